@@ -1,0 +1,1 @@
+"""Sans-IO HTTP parsers: per-connection byte streams in, HTTP events out."""
