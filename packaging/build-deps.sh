@@ -3,7 +3,7 @@
 # Idempotent: a package already installed is not asked for again.
 set -euo pipefail
 pkgs=(clang llvm libbpf-dev libbpf1 bpftool make python3 python3-venv python3-dev gcc
-      ca-certificates curl wget gnutls-bin openssl nodejs npm golang-go
+      ca-certificates curl wget gnutls-bin openssl nodejs golang-go
       systemd systemd-container debootstrap dpkg-dev fakeroot iproute2 util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
