@@ -39,6 +39,13 @@ enum llmspy_stack {
 	LLMSPY_STACK_RUSTLS = 5,
 };
 
+/* values of the pid_verdict / cgroup_verdict filter maps and of default_verdict */
+enum llmspy_verdict {
+	LLMSPY_VERDICT_UNSET = 0, /* no opinion: fall through to the next filter */
+	LLMSPY_VERDICT_TRACE = 1,
+	LLMSPY_VERDICT_SKIP = 2,
+};
+
 /* llmspy_tls_data.flags */
 #define LLMSPY_F_FIRST (1 << 0)     /* first record of its call */
 #define LLMSPY_F_LAST (1 << 1)      /* last record of its call */
@@ -87,6 +94,7 @@ struct llmspy_tls_data {
 	__u16 local_port;
 	__u8 peer_addr[16]; /* IPv4 in the first 4 bytes */
 	char comm[LLMSPY_COMM_LEN];
+	__u8 _pad[2];       /* so data[] starts at sizeof(struct llmspy_tls_data) */
 	__u8 data[];
 };
 

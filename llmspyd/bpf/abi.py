@@ -22,6 +22,12 @@ class Kind(enum.IntEnum):
     EXIT = 4
 
 
+class Verdict(enum.IntEnum):
+    UNSET = 0
+    TRACE = 1
+    SKIP = 2
+
+
 F_FIRST = 1 << 0
 F_LAST = 1 << 1
 F_TRUNCATED = 1 << 2
@@ -74,6 +80,7 @@ class TlsData(ctypes.Structure):
         ("local_port", ctypes.c_uint16),
         ("peer_addr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * COMM_LEN),
+        ("_pad", ctypes.c_uint8 * 2),
         # data[] follows: hdr.size - sizeof(TlsData) == data_len bytes
     ]
 

@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * process.bpf.c: process lifecycle for discovery (exec, whole-process exit)
+ * and the socket behind each TLS connection, learnt from the read/write
+ * syscalls a thread makes while it is inside a TLS call.
+ */
+#include "common.bpf.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* syscalls through which TLS libraries move ciphertext */
+#if defined(__TARGET_ARCH_x86)
+#define NR_read 0
+#define NR_write 1
+#define NR_readv 19
+#define NR_writev 20
+#define NR_sendto 44
+#define NR_recvfrom 45
+#define NR_sendmsg 46
+#define NR_recvmsg 47
+#elif defined(__TARGET_ARCH_arm64)
+#define NR_read 63
+#define NR_write 64
+#define NR_readv 65
+#define NR_writev 66
+#define NR_sendto 206
+#define NR_recvfrom 207
+#define NR_sendmsg 211
+#define NR_recvmsg 212
+#else
+#error "syscall numbers for this architecture"
+#endif
+
+static __always_inline bool is_io_syscall(long id)
+{
+	switch (id) {
+	case NR_read:
+	case NR_write:
+	case NR_readv:
+	case NR_writev:
+	case NR_sendto:
+	case NR_recvfrom:
+	case NR_sendmsg:
+	case NR_recvmsg:
+		return true;
+	}
+	return false;
+}
+
+/* a thread inside a TLS call does I/O on fd: note that fd's socket for the connection */
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
+{
+	struct llmspy_conn_key k = {};
+	struct llmspy_sock so = {};
+	struct llmspy_call *call;
+	struct llmspy_sock *known;
+	struct task_struct *task;
+	struct file **fds, *f;
+	struct socket *sock;
+	struct sock *sk;
+	__u32 tid;
+	int fd;
+
+	if (!is_io_syscall(id))
+		return 0;
+	tid = (__u32)bpf_get_current_pid_tgid();
+	call = bpf_map_lookup_elem(&calls, &tid);
+	if (!call)
+		return 0;
+	fd = (int)PT_REGS_PARM1_CORE(regs);
+	k.tgid = bpf_get_current_pid_tgid() >> 32;
+	k.conn = call->conn;
+	known = bpf_map_lookup_elem(&socks, &k);
+	if (known && known->fd == fd)
+		return 0;
+
+	task = bpf_get_current_task_btf();
+	if (fd < 0 || fd >= BPF_CORE_READ(task, files, fdt, max_fds))
+		return 0;
+	fds = BPF_CORE_READ(task, files, fdt, fd);
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+		return 0;
+	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return 0;
+	sock = BPF_CORE_READ(f, private_data);
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk)
+		return 0;
+	so.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (so.family == AF_INET) {
+		__u32 daddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+
+		__builtin_memcpy(so.peer_addr, &daddr, sizeof(daddr));
+	} else if (so.family == AF_INET6) {
+		BPF_CORE_READ_INTO(&so.peer_addr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	} else {
+		return 0; /* unix sockets and the like carry no peer worth showing */
+	}
+	so.fd = fd;
+	so.peer_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	so.local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	bpf_map_update_elem(&socks, &k, &so, BPF_ANY);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(process_exec, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+{
+	struct llmspy_exec *e;
+
+	e = bpf_ringbuf_reserve(&rb, sizeof(*e), 0);
+	if (!e) {
+		stat_add(LLMSPY_STAT_LOST_EVENTS, 1);
+		return 0;
+	}
+	fill_hdr(&e->hdr, LLMSPY_EV_EXEC, sizeof(*e));
+	e->ppid = BPF_CORE_READ(p, real_parent, tgid);
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	if (bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), BPF_CORE_READ(bprm, filename)) < 0)
+		e->filename[0] = 0;
+	bpf_ringbuf_submit(e, ring_flags());
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(process_exit, struct task_struct *p, bool group_dead)
+{
+	struct llmspy_exit *e;
+
+	if (!group_dead)
+		return 0;
+	e = bpf_ringbuf_reserve(&rb, sizeof(*e), 0);
+	if (!e) {
+		stat_add(LLMSPY_STAT_LOST_EVENTS, 1);
+		return 0;
+	}
+	fill_hdr(&e->hdr, LLMSPY_EV_EXIT, sizeof(*e));
+	e->hdr.pid = BPF_CORE_READ(p, tgid);
+	e->hdr.tid = BPF_CORE_READ(p, pid);
+	e->exit_code = BPF_CORE_READ(p, exit_code);
+	e->_pad = 0;
+	bpf_ringbuf_submit(e, ring_flags());
+	return 0;
+}
