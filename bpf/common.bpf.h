@@ -372,8 +372,9 @@ static __always_inline void llmspy_call_enter(__u64 conn, __u64 buf, __u64 out_l
 }
 
 /*
- * Return of a TLS call. ret is the function's return value; for the _ex
- * forms (out_len saved) success is ret == 1 and the byte count is *out_len.
+ * Return of a TLS call. ret is the function's int return value, taken as an
+ * int because the upper half of the register is undefined; for the _ex forms
+ * (out_len saved) success is ret == 1 and the byte count is *out_len.
  */
 static __always_inline void llmspy_call_return(long ret)
 {
@@ -387,9 +388,7 @@ static __always_inline void llmspy_call_return(long ret)
 		return;
 	}
 	if (call->out_len) {
-		if (ret == 1 && bpf_probe_read_user(&len, sizeof(len), (const void *)call->out_len))
-			len = 0;
-		if (ret != 1)
+		if (ret != 1 || bpf_probe_read_user(&len, sizeof(len), (const void *)call->out_len))
 			len = 0;
 	} else if (ret > 0) {
 		len = ret;

@@ -55,7 +55,7 @@ int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, size_t num, size_t *read
 
 /* one return program for all four: the saved call knows its direction and form */
 SEC("uretprobe")
-int BPF_KRETPROBE(ssl_rw_return, long ret)
+int BPF_KRETPROBE(ssl_rw_return, int ret)
 {
 	llmspy_call_return(ret);
 	return 0;

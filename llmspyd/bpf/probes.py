@@ -1,0 +1,358 @@
+"""Bind the loaded BPF programs to files (role -> programs), and drive the kernel-side filters.
+
+A Target (llmspyd.discovery.target) names one file and the FILE offsets of each role in it. Attaching is per
+file, keyed by (dev, ino): one attach covers every process that maps the file, including ones started later.
+
+Also a first OpenSSL finder (`openssl_target`, `scan_openssl_targets`) that the full discovery scanner
+(llmspyd.discovery) replaces; issue 2 needs it to capture anything at all.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from llmspyd.bpf.abi import Verdict
+from llmspyd.bpf.libbpf import LibbpfError, Link
+from llmspyd.bpf.loader import ObjectSet, read_stats
+from llmspyd.chunks import Stack
+from llmspyd.discovery.target import Target
+
+log = logging.getLogger(__name__)
+
+# role -> [(program name, retprobe)]: the TLS programs of bpf/tls_*.bpf.c. A role whose programs are not in
+# the loaded objects is skipped (e.g. `llmspy sniff` loading only the OpenSSL object).
+ROLE_PROBES: dict[str, list[tuple[str, bool]]] = {
+    "SSL_write": [("ssl_write_enter", False), ("ssl_rw_return", True)],
+    "SSL_read": [("ssl_read_enter", False), ("ssl_rw_return", True)],
+    "SSL_write_ex": [("ssl_write_ex_enter", False), ("ssl_rw_return", True)],
+    "SSL_read_ex": [("ssl_read_ex_enter", False), ("ssl_rw_return", True)],
+    "SSL_free": [("ssl_free_enter", False)],
+}
+
+# programs attached once, not per file (process.bpf.c)
+GLOBAL_PROGRAMS = ("sys_enter_io", "process_exec", "process_exit")
+
+OPENSSL_ROLES = ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex", "SSL_free")
+
+# struct llmspy_conn_key (bpf/common.bpf.h): tgid, dir, conn
+_CONN_KEY = struct.Struct("<IIQ")
+
+
+@dataclass(slots=True)
+class Attachment:
+    target: Target
+    roles: list[str] = field(default_factory=list)
+    links: list[Link] = field(default_factory=list)
+
+
+class ProbeManager:
+    """Attach the programs of an ObjectSet to targets; mute connections; set process verdicts; read counters."""
+
+    def __init__(self, objects: ObjectSet) -> None:
+        self._objects = objects
+        self._lock = threading.Lock()
+        self._attached: dict[tuple[int, int], Attachment] = {}
+        self._global_links: list[Link] = []
+        self._programs = {p.name: p for p in objects.programs()}
+
+    def attach_global(self) -> list[str]:
+        """Attach the non-file programs (exec/exit events, socket learning) that are loaded."""
+        names = []
+        with self._lock:
+            if self._global_links:
+                return [lk.desc for lk in self._global_links]
+            for name in GLOBAL_PROGRAMS:
+                prog = self._programs.get(name)
+                if prog is not None:
+                    self._global_links.append(prog.attach())
+                    names.append(name)
+        return names
+
+    def attach(self, target: Target) -> list[str]:
+        """Attach every known role of `target`; returns the roles attached. Idempotent per (dev, ino).
+
+        A role that fails to attach is logged and left out; the others stay.
+        """
+        with self._lock:
+            if target.key in self._attached:
+                return list(self._attached[target.key].roles)
+            att = Attachment(target)
+            for role, offsets in target.offsets.items():
+                probes = ROLE_PROBES.get(role)
+                if not probes or not offsets:
+                    continue
+                if any(name not in self._programs for name, _ in probes):
+                    log.debug("no program loaded for role %s: skipped in %s", role, target.path)
+                    continue
+                links: list[Link] = []
+                try:
+                    for off in offsets:
+                        for name, ret in probes:
+                            links.append(self._programs[name].attach_uprobe(target.path, offset=off, retprobe=ret))
+                except (LibbpfError, OSError) as e:
+                    log.warning("cannot attach %s in %s: %s", role, target.path, e)
+                    for lk in links:
+                        lk.destroy()
+                    continue
+                att.links.extend(links)
+                att.roles.append(role)
+            if att.roles:
+                self._attached[target.key] = att
+                log.info("attached %s in %s (%s)", ",".join(att.roles), target.path, target.stack.name)
+            return list(att.roles)
+
+    def detach(self, key: tuple[int, int]) -> bool:
+        with self._lock:
+            att = self._attached.pop(key, None)
+        if att is None:
+            return False
+        for lk in att.links:
+            lk.destroy()
+        return True
+
+    def attached(self) -> dict[tuple[int, int], Attachment]:
+        with self._lock:
+            return dict(self._attached)
+
+    def mute(self, pid: int, conn: int) -> None:
+        """Stop capturing connection (pid, conn) in the kernel; freed with the connection (SSL_free)."""
+        self._objects.map("muted").update(_CONN_KEY.pack(pid, 0, conn), b"\x01")
+
+    def unmute(self, pid: int, conn: int) -> None:
+        self._objects.map("muted").delete(_CONN_KEY.pack(pid, 0, conn))
+
+    def set_pid_verdict(self, pid: int, verdict: Verdict | None) -> None:
+        """TRACE or SKIP process `pid` whatever its cgroup says; None forgets it."""
+        self._set_verdict("pid_verdict", struct.pack("<I", pid), verdict)
+
+    def set_cgroup_verdict(self, cgroup_id: int, verdict: Verdict | None) -> None:
+        """TRACE or SKIP every process in cgroup `cgroup_id` (the cgroup directory's inode number)."""
+        self._set_verdict("cgroup_verdict", struct.pack("<Q", cgroup_id), verdict)
+
+    def _set_verdict(self, map_name: str, key: bytes, verdict: Verdict | None) -> None:
+        m = self._objects.map(map_name)
+        if verdict is None or verdict == Verdict.UNSET:
+            m.delete(key)
+        else:
+            m.update(key, bytes([int(verdict)]))
+
+    def stats(self) -> dict[str, int]:
+        return read_stats(self._objects.map("stats"))
+
+    def close(self) -> None:
+        with self._lock:
+            atts, self._attached = list(self._attached.values()), {}
+            glob_links, self._global_links = self._global_links, []
+        for att in atts:
+            for lk in att.links:
+                lk.destroy()
+        for lk in glob_links:
+            lk.destroy()
+
+
+# ---- a first OpenSSL finder: symbols -> file offsets ----
+
+
+def _vaddr_to_offset(elf, vaddr: int) -> int | None:  # type: ignore[no-untyped-def]
+    """A uprobe wants a FILE offset: find the PT_LOAD segment holding vaddr."""
+    for seg in elf.iter_segments():
+        if seg["p_type"] != "PT_LOAD":
+            continue
+        start = seg["p_vaddr"]
+        if start <= vaddr < start + seg["p_filesz"]:
+            return vaddr - start + seg["p_offset"]
+    return None
+
+
+def elf_function_offsets(path: str, names: Iterable[str]) -> tuple[dict[str, int], str]:
+    """FILE offsets of the defined functions `names` in ELF `path` (dynsym first, then symtab), and where found."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.common.exceptions import ELFError
+
+    wanted = set(names)
+    found: dict[str, int] = {}
+    how = ""
+    try:
+        with open(path, "rb") as f:
+            elf = ELFFile(f)
+            for secname in (".dynsym", ".symtab"):
+                sec = elf.get_section_by_name(secname)
+                if sec is None or not hasattr(sec, "get_symbol_by_name"):
+                    continue
+                for name in wanted - set(found):
+                    for sym in sec.get_symbol_by_name(name) or []:
+                        if sym["st_shndx"] == "SHN_UNDEF" or sym["st_info"]["type"] != "STT_FUNC" or not sym["st_value"]:
+                            continue
+                        off = _vaddr_to_offset(elf, sym["st_value"])
+                        if off is not None:
+                            found[name] = off
+                            how = how or secname.lstrip(".")
+                            break
+                if len(found) == len(wanted):
+                    break
+    except (OSError, ELFError, ValueError) as e:
+        log.debug("cannot read symbols of %s: %s", path, e)
+    return found, how
+
+
+def openssl_target(path: str) -> Target | None:
+    """A Target for a libssl or an executable exporting OpenSSL's SSL_* functions; None if it has none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    offsets, how = elf_function_offsets(path, OPENSSL_ROLES)
+    has_write = "SSL_write" in offsets or "SSL_write_ex" in offsets
+    has_read = "SSL_read" in offsets or "SSL_read_ex" in offsets
+    if not (has_write and has_read):
+        return None
+    return Target(
+        path=path,
+        dev=st.st_dev,
+        ino=st.st_ino,
+        stack=Stack.OPENSSL,
+        offsets={role: [off] for role, off in offsets.items()},
+        how=how,
+    )
+
+
+# ---- a first scanner: which files to probe ----
+
+_LIBSSL_RE = re.compile(r"/libssl\.so[.\d]*$")
+SYSTEM_LIBSSL_GLOBS = (
+    "/usr/lib/*/libssl.so*",
+    "/lib/*/libssl.so*",
+    "/usr/lib64/libssl.so*",
+    "/usr/lib/libssl.so*",
+    "/usr/local/lib*/libssl.so*",
+)
+
+
+def _pids() -> Iterator[int]:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            yield int(name)
+
+
+def candidate_files(pid: int) -> Iterator[tuple[str, tuple[int, int] | None]]:
+    """(path the daemon can open, (dev, ino) if /proc/PID/maps said) for pid's exe and its mapped libssl*."""
+    root = f"/proc/{pid}/root"
+    yield f"/proc/{pid}/exe", None
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or not _LIBSSL_RE.search(parts[5].rstrip("\n")):
+            continue
+        major, minor = (int(x, 16) for x in parts[3].split(":"))
+        yield root + parts[5].rstrip("\n"), (os.makedev(major, minor), int(parts[4]))
+
+
+def _stable_path(path: str, key: tuple[int, int]) -> str:
+    """/proc/PID/exe dies with PID: prefer the path it points to when that is the same file here."""
+    if not path.endswith("/exe"):
+        return path
+    try:
+        real = os.readlink(path)
+        st = os.stat(real)
+    except OSError:
+        return path
+    return real if (st.st_dev, st.st_ino) == key else path
+
+
+class OpenSslScanner:
+    """Find OpenSSL targets: system libssl files, files mapped by running processes, new execs.
+
+    Remembers every (dev, ino) it looked at, so a rescan only opens new files.
+    """
+
+    def __init__(self, probes: ProbeManager, *, self_pid: int | None = None) -> None:
+        self._probes = probes
+        self._seen: set[tuple[int, int]] = set()
+        self._self_pid = os.getpid() if self_pid is None else self_pid
+        self._lock = threading.Lock()
+        self._pending: list[tuple[float, int]] = []
+        self._cond = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def _consider(self, path: str, key: tuple[int, int] | None) -> list[str]:
+        if key is None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return []
+            key = (st.st_dev, st.st_ino)
+        with self._lock:
+            if key in self._seen:
+                return []
+            self._seen.add(key)
+        target = openssl_target(_stable_path(path, key))
+        if target is None:
+            return []
+        return self._probes.attach(target)
+
+    def scan_system(self) -> int:
+        n = 0
+        for pattern in SYSTEM_LIBSSL_GLOBS:
+            for path in glob.glob(pattern):
+                if os.path.isfile(path) and self._consider(os.path.realpath(path), None):
+                    n += 1
+        return n
+
+    def scan_pid(self, pid: int) -> int:
+        if pid == self._self_pid:
+            return 0
+        return sum(1 for path, key in candidate_files(pid) if self._consider(path, key))
+
+    def scan_all(self) -> int:
+        n = self.scan_system()
+        for pid in _pids():
+            n += self.scan_pid(pid)
+        return n
+
+    # exec events: the exe is there at once, its libraries a little later (the dynamic loader maps them)
+    RESCAN_DELAYS = (0.0, 0.2, 1.0, 3.0)
+
+    def on_exec(self, pid: int) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for d in self.RESCAN_DELAYS:
+                self._pending.append((now + d, pid))
+            self._pending.sort()
+            self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llmspy-rescan", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (not self._pending or self._pending[0][0] > time.monotonic()):
+                    timeout = (self._pending[0][0] - time.monotonic()) if self._pending else None
+                    self._cond.wait(timeout)
+                if self._stop:
+                    return
+                _, pid = self._pending.pop(0)
+            try:
+                self.scan_pid(pid)
+            except Exception:  # a scan must never kill the watcher
+                log.exception("rescan of pid %d failed", pid)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
