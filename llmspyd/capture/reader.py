@@ -254,8 +254,9 @@ class RingReader:
                 # after a full batch more is waiting: take it without sleeping
                 if full or stopping:
                     rb.consume()
-                else:
-                    rb.poll(self.poll_ms)
+                elif rb.poll(self.poll_ms) == 0:
+                    # the kernel may submit without waking us (common.bpf.h wakeup_bytes): collect those too
+                    rb.consume()
             except Exception:
                 self.counters["poll_errors"] += 1
                 log.exception("ring buffer poll failed")

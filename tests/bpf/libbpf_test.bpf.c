@@ -57,12 +57,17 @@ const volatile __u64 tag = 0;
 const volatile char label[8] = {};
 const volatile __u32 only_pid = 0; /* 0: every process */
 
-/* keep every ABI struct in this object's BTF for tests/unit/test_abi.py */
+/* keep every ABI struct and enum in this object's BTF for tests/unit/test_abi.py */
 struct llmspy_hdr abi_hdr;
 struct llmspy_tls_data abi_tls_data;
 struct llmspy_conn_close abi_conn_close;
 struct llmspy_exec abi_exec;
 struct llmspy_exit abi_exit;
+enum llmspy_kind abi_kind;
+enum llmspy_dir abi_dir;
+enum llmspy_stack abi_stack;
+enum llmspy_stat abi_stat;
+enum llmspy_verdict abi_verdict;
 
 static __always_inline int emit(__u32 kind, __s64 value)
 {

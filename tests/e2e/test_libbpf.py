@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -24,12 +23,9 @@ from llmspyd.bpf.libbpf import BpfObject, LibbpfError, RingBuffer, num_possible_
 from llmspyd.bpf.loader import ObjectSet, read_stats
 from llmspyd.capture.reader import RingReader
 from llmspyd.chunks import Direction, Stack, TlsChunk
+from tests.bpf.build import compile_test_object, have_clang
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
-SRC = ROOT / "tests" / "bpf" / "libbpf_test.bpf.c"
-ARCH = {"x86_64": "x86", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
 
 # struct test_event in libbpf_test.bpf.c
 EVENT = struct.Struct("<IIqQ8s")
@@ -45,19 +41,11 @@ for line in sys.stdin:
 """
 
 
-def compile_test_object(out: Path, *defines: str) -> Path:
-    cmd = ["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{ARCH}", "-Wall"]
-    cmd += [f"-D{d}" for d in defines]
-    cmd += ["-I", str(ROOT / "bpf"), "-I", "/usr/include", "-c", str(SRC), "-o", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def objs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     if os.geteuid() != 0:
         pytest.skip("needs root to load BPF programs")
-    if shutil.which("clang") is None:
+    if not have_clang():
         pytest.skip("clang is not installed (make deps)")
     d = tmp_path_factory.mktemp("bpf")
     return {"main": compile_test_object(d / "t_main.bpf.o"), "second": compile_test_object(d / "t_second.bpf.o", "SECOND")}
