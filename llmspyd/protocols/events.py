@@ -38,6 +38,7 @@ class RequestData:
 class RequestEnd:
     msg: int
     ts_ns: int
+    trailers: Headers = field(default_factory=list)  # chunked / HTTP/2 trailer fields, if any
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class ResponseData:
 class ResponseEnd:
     msg: int
     ts_ns: int
+    trailers: Headers = field(default_factory=list)  # chunked / HTTP/2 trailer fields, if any
 
 
 @dataclass(slots=True)

@@ -1,0 +1,143 @@
+"""Test helpers: realistic HTTP byte streams and replay in several splittings.
+
+A recording is what the TLS probes would see on one connection: a list of
+(direction, plaintext bytes, ts_ns) in time order. HTTP/1.1 streams are
+serialized by h11 (a real client and a real server state machine); HTTP/2
+streams by two h2 Connections talking to each other in memory, so the bytes
+are exactly what a TLS library would encrypt.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+
+import h11
+
+from llmspyd.chunks import Direction
+from llmspyd.protocols.events import RequestData, ResponseData
+
+W, R = Direction.WRITE, Direction.READ
+Recording = list[tuple[Direction, bytes, int]]
+
+
+class Clock:
+    def __init__(self, start: int = 1_000) -> None:
+        self.t = start
+
+    def __call__(self) -> int:
+        self.t += 1_000
+        return self.t
+
+
+def h11_exchange(
+    rec: Recording,
+    clock: Clock,
+    client: h11.Connection,
+    server: h11.Connection,
+    request: h11.Request,
+    request_body: list[bytes],
+    response: h11.Response,
+    response_body: list[bytes],
+    *,
+    trailers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """One request/response serialized by h11 on both sides, appended to `rec`."""
+    out = client.send(request)
+    for piece in request_body:
+        out += client.send(h11.Data(data=piece))
+    out += client.send(h11.EndOfMessage())
+    rec.append((W, out, clock()))
+    server.receive_data(out)
+    while True:
+        ev = server.next_event()
+        if ev is h11.NEED_DATA or isinstance(ev, h11.EndOfMessage):
+            break
+    sent = [server.send(response)]
+    sent += [server.send(h11.Data(data=piece)) for piece in response_body]
+    sent.append(server.send(h11.EndOfMessage(headers=trailers or [])))
+    for piece in sent:
+        if piece:
+            rec.append((R, piece, clock()))
+    client.receive_data(b"".join(sent))  # keep the client's state machine in step
+    while True:
+        ev = client.next_event()
+        if ev is h11.NEED_DATA or isinstance(ev, h11.EndOfMessage) or ev is h11.PAUSED:
+            break
+    client.start_next_cycle()
+    server.start_next_cycle()
+
+
+def split_random(rec: Recording, rng: random.Random, max_pieces: int = 6) -> Recording:
+    out: Recording = []
+    for d, data, ts in rec:
+        if len(data) < 2:
+            out.append((d, data, ts))
+            continue
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, max_pieces))))
+        for a, b in zip([0, *cuts], [*cuts, len(data)]):
+            out.append((d, data[a:b], ts))
+    return out
+
+
+def split_at(rec: Recording, cuts: Iterable[int]) -> Recording:
+    """Split the items at absolute positions of the concatenated recording (Hypothesis-driven)."""
+    cutset = set(cuts)
+    out: Recording = []
+    pos = 0
+    for d, data, ts in rec:
+        start = 0
+        for i in range(1, len(data)):
+            if pos + i in cutset:
+                out.append((d, data[start:i], ts))
+                start = i
+        out.append((d, data[start:], ts))
+        pos += len(data)
+    return out
+
+
+def bytewise(rec: Recording) -> Recording:
+    return [(d, data[i : i + 1], ts) for d, data, ts in rec for i in range(len(data))]
+
+
+def replay(conn, rec: Recording, *, close_ts: int | None = None) -> list:
+    events = []
+    for d, data, ts in rec:
+        events += conn.receive(d, data, ts)
+    if close_ts is not None:
+        events += conn.close(close_ts)
+    return events
+
+
+def normalize(events: list) -> dict:
+    """Per msg event list, with consecutive body pieces joined (ts of the last piece)."""
+    per: dict = {}
+    for ev in events:
+        key = getattr(ev, "msg", None)
+        if key is None:
+            key = ("conn",)
+        lst = per.setdefault(key, [])
+        if isinstance(ev, (RequestData, ResponseData)) and lst and type(lst[-1]) is type(ev):
+            prev = lst[-1]
+            lst[-1] = type(ev)(ev.msg, ev.ts_ns, prev.data + ev.data)
+        else:
+            lst.append(ev)
+    return per
+
+
+def tr(make_conn: Callable[[], object], rec: Recording, *, close_ts: int | None = None, seed: int = 0) -> dict:
+    """Replay whole, one byte at a time and split at random points; all must agree. Returns the events."""
+    whole = normalize(replay(make_conn(), rec, close_ts=close_ts))
+    assert normalize(replay(make_conn(), bytewise(rec), close_ts=close_ts)) == whole
+    rng = random.Random(seed)
+    for _ in range(3):
+        assert normalize(replay(make_conn(), split_random(rec, rng), close_ts=close_ts)) == whole
+    return whole
+
+
+def body(events: list, msg: int, kind: type) -> bytes:
+    return b"".join(e.data for e in events if isinstance(e, kind) and e.msg == msg)
+
+
+def kinds(events: list, msg: int | None = None) -> list[str]:
+    return [type(e).__name__ for e in events if msg is None or getattr(e, "msg", None) == msg]
