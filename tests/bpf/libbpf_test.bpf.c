@@ -56,6 +56,7 @@ struct {
 const volatile __u64 tag = 0;
 const volatile char label[8] = {};
 const volatile __u32 only_pid = 0; /* 0: every process */
+const volatile __u32 no_wakeup = 0; /* submit tls_like records without waking the reader */
 
 /* keep every ABI struct and enum in this object's BTF for tests/unit/test_abi.py */
 struct llmspy_hdr abi_hdr;
@@ -160,7 +161,7 @@ int BPF_KPROBE(tls_like, const char *arg)
 	e->peer_addr[0] = 127;
 	e->peer_addr[3] = 1;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, no_wakeup ? BPF_RB_NO_WAKEUP : 0);
 	stat_add(LLMSPY_STAT_RECORDS, 1);
 	stat_add(LLMSPY_STAT_BYTES, n);
 	return 0;

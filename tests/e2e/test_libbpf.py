@@ -7,12 +7,10 @@ one we caused and can check: argument, return value, pid, knobs, counters.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -347,3 +345,74 @@ def test_ring_buffer_callback_exception_is_raised_from_poll(objs: dict[str, Path
         link.destroy()
         rb.close()
         rb.close()
+
+
+def test_ring_reader_survives_bad_records_and_sink_errors(objs: dict[str, Path], children: tuple[Child, Child]) -> None:
+    a, _ = children
+    libc = libc_path()
+    batches: list[list] = []
+
+    def sink(batch: list) -> None:
+        batches.append(batch)
+        if len(batches) == 1:
+            raise RuntimeError("first batch fails")
+
+    with BpfObject.open(objs["main"]) as obj:
+        obj.set_rodata("no_wakeup", 1)  # records must still arrive, on the reader's poll timer
+        obj.load()
+        # the reader reads "events", where test_event records are not llmspy records: decode errors
+        bad = RingReader(obj.map("events"), lambda b: None, poll_ms=20)
+        good = RingReader(obj.map("rb"), sink, poll_ms=20)
+        bad.start()
+        good.start()
+        links = [
+            obj.program("on_enter").attach_uprobe(libc, func_name="atoi", pid=a.pid),
+            obj.program("tls_like").attach_uprobe(libc, func_name="atoi", pid=a.pid),
+        ]
+        try:
+            a.atoi("1")
+            deadline = time.monotonic() + 5
+            while not batches and time.monotonic() < deadline:
+                time.sleep(0.01)
+            a.atoi("2")
+            while len(batches) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert good.alive and bad.alive
+            before = good.last_poll_monotonic
+            time.sleep(0.1)
+            assert good.last_poll_monotonic > before  # the watchdog sees it come around while idle
+        finally:
+            for link in links:
+                link.destroy()
+            good.stop()
+            bad.stop()
+            good.stop()  # idempotent
+    assert [[c.data for c in b] for b in batches] == [[b"1"], [b"2"]]
+    assert good.counters["sink_errors"] == 1 and good.counters["events"] == 2
+    assert bad.counters["records"] == 2 and bad.counters["decode_errors"] == 2 and bad.counters["events"] == 0
+    assert not good.alive and not bad.alive
+
+
+def test_ring_reader_batches_a_burst(objs: dict[str, Path], children: tuple[Child, Child]) -> None:
+    """Many records between two polls reach the sink in few calls, in order, none lost."""
+    a, _ = children
+    batches: list[list] = []
+    n = 300
+    with BpfObject.open(objs["main"]) as obj:
+        obj.load()
+        reader = RingReader(obj.map("rb"), batches.append, poll_ms=200)
+        link = obj.program("tls_like").attach_uprobe(libc_path(), func_name="atoi", pid=a.pid)
+        # fill the ring before the reader starts: it finds them all at once
+        script = "".join(f"{i}\n" for i in range(n))
+        a.proc.stdin.write(script)
+        a.proc.stdin.flush()
+        for _ in range(n):
+            a.proc.stdout.readline()
+        reader.start()
+        deadline = time.monotonic() + 5
+        while sum(map(len, batches)) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        link.destroy()
+        reader.stop()
+    assert [c.data for b in batches for c in b] == [str(i).encode() for i in range(n)]
+    assert len(batches) <= 2
