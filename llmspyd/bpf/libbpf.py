@@ -423,8 +423,8 @@ class BpfMap:
     @property
     def fd(self) -> int:
         fd = _lib().map_fd(self.ptr)
-        if fd < 0:
-            raise LibbpfError(-fd, f"fd of map {self.name} (is {self._obj.path} loaded?)")
+        if fd < 0:  # -1 before load: not an errno
+            raise LibbpfError(_errno.EBADF if fd == -1 else -fd, f"fd of map {self.name} (is {self._obj.path} loaded?)")
         return fd
 
     @property
@@ -529,7 +529,7 @@ class BpfProgram:
     def fd(self) -> int:
         fd = _lib().prog_fd(self.ptr)
         if fd < 0:
-            raise LibbpfError(-fd, f"fd of program {self.name} (not loaded?)")
+            raise LibbpfError(_errno.EBADF if fd == -1 else -fd, f"fd of program {self.name} (not loaded?)")
         return fd
 
     @property

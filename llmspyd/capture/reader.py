@@ -91,18 +91,31 @@ def _peer(family: int, addr: bytes, port: int, local_port: int) -> Peer | None:
     return None
 
 
+# plain ints and lookup tables: enum construction and enum attribute access cost microseconds per record
+_K_TLS = int(abi.Kind.TLS_DATA)
+_K_CLOSE = int(abi.Kind.CONN_CLOSE)
+_K_EXEC = int(abi.Kind.EXEC)
+_K_EXIT = int(abi.Kind.EXIT)
+_MIN_SIZE = {int(k): v for k, v in _SIZES.items()}
+_DIRECTIONS = {int(d): d for d in Direction}
+_STACKS = {int(s): s for s in Stack}
+_HDR_SIZE = _HDR.size
+_ABI_VERSION = abi.ABI_VERSION
+_F_FIRST, _F_LAST, _F_TRUNCATED, _F_FAULT = abi.F_FIRST, abi.F_LAST, abi.F_TRUNCATED, abi.F_FAULT
+
+
 def decode(record: memoryview | bytes, errors: collections.Counter[str] | None = None) -> CaptureEvent | None:
     """One ring buffer record -> event; None (and errors[reason] += 1) for a record we cannot trust."""
     errs = _module_errors if errors is None else errors
     n = len(record)
-    if n < _HDR.size:
+    if n < _HDR_SIZE:
         errs[ERR_SHORT] += 1
         return None
     version, kind, size, ts_ns, pid, tid = _HDR.unpack_from(record, 0)
-    if version != abi.ABI_VERSION:
+    if version != _ABI_VERSION:
         errs[ERR_VERSION] += 1
         return None
-    need = _SIZES.get(kind)  # type: ignore[call-overload]
+    need = _MIN_SIZE.get(kind)
     if need is None:
         errs[ERR_KIND] += 1
         return None
@@ -112,45 +125,48 @@ def decode(record: memoryview | bytes, errors: collections.Counter[str] | None =
     if size > n or size < need:  # hdr.size disagrees with what the ring delivered
         errs[ERR_SIZE] += 1
         return None
-    try:
-        if kind == abi.Kind.TLS_DATA:
-            (conn, offset, cgroup_id, call_len, data_len, fd, flags, direction, stack, family, peer_port,
-             local_port, peer_addr, comm) = _TLS.unpack_from(record, _HDR.size)  # fmt: skip
-            if TLS_DATA_OFFSET + data_len > size:
-                errs[ERR_SHORT] += 1
-                return None
-            return TlsChunk(
-                ts_ns=ts_ns,
-                pid=pid,
-                tid=tid,
-                comm=_cstr(comm),
-                conn=conn,
-                direction=Direction(direction),
-                offset=offset,
-                data=bytes(record[TLS_DATA_OFFSET : TLS_DATA_OFFSET + data_len]),
-                call_len=call_len,
-                stack=Stack(stack),
-                first=bool(flags & abi.F_FIRST),
-                last=bool(flags & abi.F_LAST),
-                truncated=bool(flags & abi.F_TRUNCATED),
-                fault=bool(flags & abi.F_FAULT),
-                fd=fd,
-                peer=_peer(family, peer_addr, peer_port, local_port) if family else None,
-                cgroup_id=cgroup_id,
-            )
-        if kind == abi.Kind.CONN_CLOSE:
-            conn, stack = _CLOSE.unpack_from(record, _HDR.size)
-            return ConnClosed(ts_ns=ts_ns, pid=pid, conn=conn, stack=Stack(stack))
-        if kind == abi.Kind.EXEC:
-            ppid, uid, cgroup_id, comm, filename = _EXEC.unpack_from(record, _HDR.size)
-            return ProcessExec(
-                ts_ns=ts_ns, pid=pid, ppid=ppid, uid=uid, comm=_cstr(comm), filename=_cstr(filename), cgroup_id=cgroup_id
-            )
-        (exit_code,) = _EXIT.unpack_from(record, _HDR.size)
-        return ProcessExit(ts_ns=ts_ns, pid=pid, exit_code=exit_code)
-    except ValueError:  # an enum field out of range (direction, stack)
-        errs[ERR_FIELD] += 1
-        return None
+    if kind == _K_TLS:
+        (conn, offset, cgroup_id, call_len, data_len, fd, flags, direction, stack, family, peer_port,
+         local_port, peer_addr, comm) = _TLS.unpack_from(record, _HDR_SIZE)  # fmt: skip
+        if TLS_DATA_OFFSET + data_len > size:
+            errs[ERR_SHORT] += 1
+            return None
+        d = _DIRECTIONS.get(direction)
+        st = _STACKS.get(stack)
+        if d is None or st is None:
+            errs[ERR_FIELD] += 1
+            return None
+        return TlsChunk(
+            ts_ns,
+            pid,
+            tid,
+            _cstr(comm),
+            conn,
+            d,
+            offset,
+            bytes(record[TLS_DATA_OFFSET : TLS_DATA_OFFSET + data_len]),
+            call_len,
+            st,
+            bool(flags & _F_FIRST),
+            bool(flags & _F_LAST),
+            bool(flags & _F_TRUNCATED),
+            bool(flags & _F_FAULT),
+            fd,
+            _peer(family, peer_addr, peer_port, local_port) if family else None,
+            cgroup_id,
+        )
+    if kind == _K_CLOSE:
+        conn, stack = _CLOSE.unpack_from(record, _HDR_SIZE)
+        st = _STACKS.get(stack)
+        if st is None:
+            errs[ERR_FIELD] += 1
+            return None
+        return ConnClosed(ts_ns, pid, conn, st)
+    if kind == _K_EXEC:
+        ppid, uid, cgroup_id, comm, filename = _EXEC.unpack_from(record, _HDR_SIZE)
+        return ProcessExec(ts_ns, pid, ppid, uid, _cstr(comm), _cstr(filename), cgroup_id)
+    (exit_code,) = _EXIT.unpack_from(record, _HDR_SIZE)
+    return ProcessExit(ts_ns, pid, exit_code)
 
 
 class RingReader:

@@ -416,3 +416,18 @@ def test_ring_reader_batches_a_burst(objs: dict[str, Path], children: tuple[Chil
         reader.stop()
     assert [c.data for b in batches for c in b] == [str(i).encode() for i in range(n)]
     assert len(batches) <= 2
+
+
+def test_use_before_load_and_after_close(objs: dict[str, Path]) -> None:
+    obj = BpfObject.open(objs["main"])
+    m = obj.map("shared")
+    with pytest.raises(LibbpfError) as exc:
+        m.lookup(struct.pack("<I", 1))
+    assert exc.value.errno == 9 and "shared" in str(exc.value)  # EBADF: there is no kernel map yet
+    obj.load()
+    with pytest.raises(ValueError):
+        obj.set_rodata("tag", 1)  # .rodata is frozen once loaded
+    obj.close()
+    obj.close()
+    with pytest.raises(ValueError):
+        obj.map("shared")
