@@ -141,3 +141,71 @@ def body(events: list, msg: int, kind: type) -> bytes:
 
 def kinds(events: list, msg: int | None = None) -> list[str]:
     return [type(e).__name__ for e in events if msg is None or getattr(e, "msg", None) == msg]
+
+
+class H2Pair:
+    """A real h2 client and server talking in memory; every byte each sends is recorded.
+
+    The client's bytes are the traced process's writes, the server's its reads.
+    """
+
+    def __init__(self, clock: Clock | None = None, *, client_settings: dict | None = None,
+                 server_settings: dict | None = None) -> None:
+        import h2.config
+        import h2.connection
+
+        self.clock = clock or Clock()
+        self.rec: Recording = []
+        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.server = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False))
+        self.client.initiate_connection()
+        self.server.initiate_connection()
+        if client_settings:
+            self.client.update_settings(client_settings)
+        if server_settings:
+            self.server.update_settings(server_settings)
+        self.server_events: list = []
+        self.client_events: list = []
+        self.flush()
+
+    def flush(self) -> None:
+        """Deliver whatever each side has queued to the other, recording it, until both are quiet."""
+        while True:
+            moved = False
+            out = self.client.data_to_send()
+            if out:
+                self.rec.append((W, out, self.clock()))
+                self.server_events += self.server.receive_data(out)
+                moved = True
+            out = self.server.data_to_send()
+            if out:
+                self.rec.append((R, out, self.clock()))
+                self.client_events += self.client.receive_data(out)
+                moved = True
+            if not moved:
+                return
+
+    def request(self, path: str, body: bytes = b"", *, method: str = "POST", extra: list | None = None,
+                end: bool = True) -> int:
+        sid = self.client.get_next_available_stream_id()
+        headers = [(":method", method), (":path", path), (":scheme", "https"), (":authority", "api.example"),
+                   ("content-type", "application/json"), *(extra or [])]
+        self.client.send_headers(sid, headers, end_stream=not body and end)
+        if body:
+            self.client.send_data(sid, body, end_stream=end)
+        self.flush()
+        return sid
+
+    def respond(self, sid: int, status: int = 200, pieces: list[bytes] = (), *, headers: list | None = None,
+                trailers: list | None = None, pad: int | None = None, end: bool = True) -> None:
+        self.server.send_headers(sid, [(":status", str(status)), *(headers or [])],
+                                 end_stream=not pieces and not trailers and end)
+        self.flush()
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1 and not trailers and end
+            self.server.send_data(sid, piece, end_stream=last, pad_length=pad)
+            self.flush()
+        if trailers:
+            self.server.send_headers(sid, trailers, end_stream=True)
+            self.flush()
