@@ -43,9 +43,13 @@ def read_process(pid: int, comm: str = "") -> ProcessInfo:
         pass
     try:
         with open(f"{base}/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    info.cgroup = line[3:].rstrip("\n")
+            text = f.read()
+        for line in text.splitlines():
+            if line.startswith("0::"):
+                info.cgroup = line[3:]
+        from llmspyd.discovery.cgroups import container_of  # pure; imported here to keep this module light
+
+        info.container = container_of(text)
     except OSError:
         pass
     return info

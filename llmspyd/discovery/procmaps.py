@@ -14,6 +14,8 @@ inode, also on overlayfs, so `(dev, ino)` from maps is the key of a file.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import stat
 from dataclasses import dataclass, field
@@ -203,7 +205,7 @@ def open_mapped(pid: int, mf: MappedFile) -> OpenedFile | None:
 
 
 def open_in_root(pid: int, path: str) -> OpenedFile | None:
-    """Open a path as process `pid` would (for files it has not mapped yet), keyed by what stat says."""
+    """Open a path as process `pid` would (for files it has not mapped yet), keyed as maps will show it."""
     full = root_path(pid, path)
     try:
         st = os.stat(full)
@@ -211,4 +213,40 @@ def open_in_root(pid: int, path: str) -> OpenedFile | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    return OpenedFile(path=full, dev=st.st_dev, ino=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns, via="root")
+    dev, ino = st.st_dev, st.st_ino
+    if os.major(dev) == 0:
+        # anonymous device (overlayfs of a container image, btrfs subvolume): stat's (dev, ino) is not what
+        # /proc/PID/maps will show once the process maps it; ask the kernel by mapping it ourselves
+        real = mapped_key(full)
+        if real is None:
+            return None
+        dev, ino = real
+    return OpenedFile(path=full, dev=dev, ino=ino, size=st.st_size, mtime_ns=st.st_mtime_ns, via="root")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def mapped_key(path: str) -> tuple[int, int] | None:
+    """(dev, ino) of `path` as a memory mapping sees it: the real inode under overlayfs, which uprobes use too."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        addr = _libc.mmap(None, mmap.PAGESIZE, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    finally:
+        os.close(fd)
+    if addr is None or addr == _MAP_FAILED:
+        return None
+    try:
+        st = os.stat(f"/proc/self/map_files/{addr:x}-{addr + mmap.PAGESIZE:x}")
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return None
+    finally:
+        _libc.munmap(addr, mmap.PAGESIZE)
