@@ -477,6 +477,8 @@ class BpfMap:
 
     def lookup_percpu(self, key: bytes) -> list[bytes]:
         """One value per possible CPU; [] when the key is absent."""
+        if self.type not in PERCPU_MAP_TYPES:
+            raise ValueError(f"map {self.name} is not per-CPU: use lookup()")
         ncpu = num_possible_cpus()
         stride = (self.value_size + 7) & ~7  # the kernel pads each CPU's value to 8 bytes
         raw = self._lookup_raw(key, stride * ncpu)

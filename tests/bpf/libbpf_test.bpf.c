@@ -34,7 +34,11 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
 	__type(key, __u32);
+#ifdef BAD_SHARED
+	__type(value, __u32); /* disagrees with the first object: ObjectSet must refuse */
+#else
 	__type(value, __u64);
+#endif
 } shared SEC(".maps");
 
 /* a real llmspy ring and stats array, as the shipped objects have them */

@@ -46,7 +46,11 @@ def objs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     if not have_clang():
         pytest.skip("clang is not installed (make deps)")
     d = tmp_path_factory.mktemp("bpf")
-    return {"main": compile_test_object(d / "t_main.bpf.o"), "second": compile_test_object(d / "t_second.bpf.o", "SECOND")}
+    return {
+        "main": compile_test_object(d / "t_main.bpf.o"),
+        "second": compile_test_object(d / "t_second.bpf.o", "SECOND"),
+        "bad": compile_test_object(d / "t_bad.bpf.o", "SECOND", "BAD_SHARED"),
+    }
 
 
 def libc_path() -> str:
@@ -431,3 +435,32 @@ def test_use_before_load_and_after_close(objs: dict[str, Path]) -> None:
     obj.close()
     with pytest.raises(ValueError):
         obj.map("shared")
+
+
+def test_object_set_refuses_a_map_that_disagrees_and_closes_all(objs: dict[str, Path], monkeypatch) -> None:
+    opened: list[BpfObject] = []
+    real_open = BpfObject.open.__func__
+
+    def spy(cls, path):  # type: ignore[no-untyped-def]
+        obj = real_open(cls, path)
+        opened.append(obj)
+        return obj
+
+    monkeypatch.setattr(BpfObject, "open", classmethod(spy))
+    with pytest.raises(ValueError, match="shared"):
+        ObjectSet([objs["main"], objs["bad"]])
+    assert len(opened) == 2 and all(o._ptr is None for o in opened)  # nothing leaks
+    opened.clear()
+    with pytest.raises(LibbpfError) as exc:
+        ObjectSet([objs["main"], Path("/nonexistent/x.bpf.o")])
+    assert exc.value.errno == 2 and len(opened) == 1 and opened[0]._ptr is None
+
+
+def test_lookup_kind_must_match_the_map(objs: dict[str, Path]) -> None:
+    with BpfObject.open(objs["main"]) as obj:
+        obj.load()
+        with pytest.raises(ValueError):
+            obj.map("counts").lookup(struct.pack("<I", 0))
+        with pytest.raises(ValueError):
+            obj.map("shared").lookup_percpu(struct.pack("<I", 0))
+        assert obj.map("counts").lookup_percpu(struct.pack("<I", 0)) == [bytes(8)] * num_possible_cpus()
