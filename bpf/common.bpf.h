@@ -149,6 +149,13 @@ struct {
 	__type(value, __u8);
 } muted SEC(".maps");
 
+/* keep the record types in BTF, where tests/unit/test_abi.py checks llmspyd/bpf/abi.py against them */
+const struct llmspy_hdr *_abi_hdr __attribute__((unused));
+const struct llmspy_tls_data *_abi_tls_data __attribute__((unused));
+const struct llmspy_conn_close *_abi_conn_close __attribute__((unused));
+const struct llmspy_exec *_abi_exec __attribute__((unused));
+const struct llmspy_exit *_abi_exit __attribute__((unused));
+
 /* ---- helpers ---- */
 
 static __always_inline void stat_add(__u32 idx, __u64 n)

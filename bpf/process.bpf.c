@@ -121,7 +121,8 @@ int BPF_PROG(process_exec, struct task_struct *p, pid_t old_pid, struct linux_bi
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 	if (bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), BPF_CORE_READ(bprm, filename)) < 0)
 		e->filename[0] = 0;
-	bpf_ringbuf_submit(e, ring_flags());
+	/* always wake the reader: a new process must be probed before it gets to its first TLS call */
+	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
 

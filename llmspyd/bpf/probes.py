@@ -35,6 +35,15 @@ ROLE_PROBES: dict[str, list[tuple[str, bool]]] = {
     "SSL_write_ex": [("ssl_write_ex_enter", False), ("ssl_rw_return", True)],
     "SSL_read_ex": [("ssl_read_ex_enter", False), ("ssl_rw_return", True)],
     "SSL_free": [("ssl_free_enter", False)],
+    # GnuTLS: each role may list several entry points (send and send2, recv and recv_seq)
+    "gnutls_record_send": [("gnutls_send_enter", False), ("gnutls_rw_return", True)],
+    "gnutls_record_recv": [("gnutls_recv_enter", False), ("gnutls_rw_return", True)],
+    "gnutls_deinit": [("gnutls_deinit_enter", False)],
+    # Go crypto/tls: plain uprobes only, never uretprobes (Go moves stacks); go_read_ret = every RET of Read
+    "go_write": [("go_write_enter", False)],
+    "go_read": [("go_read_enter", False)],
+    "go_read_ret": [("go_read_ret", False)],
+    "go_close": [("go_close_enter", False)],
 }
 
 # programs attached once, not per file (process.bpf.c)
@@ -104,10 +113,24 @@ class ProbeManager:
                     continue
                 att.links.extend(links)
                 att.roles.append(role)
+            if att.roles and target.params:
+                self._apply_params(target)
             if att.roles:
                 self._attached[target.key] = att
                 log.info("attached %s in %s (%s)", ",".join(att.roles), target.path, target.stack.name)
             return list(att.roles)
+
+    def _apply_params(self, target: Target) -> None:
+        """Numbers the probes need besides offsets: the Go fd layout (bpf/tls_gotls.bpf.c, go_fd_layouts)."""
+        from llmspyd.discovery.golang import fd_layout_entry
+
+        entry = fd_layout_entry(target.params) if target.stack == Stack.GOTLS else None
+        if entry is None:
+            return
+        try:
+            self._objects.map("go_fd_layouts").update(*entry)
+        except (KeyError, LibbpfError) as e:
+            log.warning("no Go fd layout for %s (fd from syscalls instead): %s", target.path, e)
 
     def detach(self, key: tuple[int, int]) -> bool:
         with self._lock:
@@ -161,46 +184,18 @@ class ProbeManager:
 # ---- a first OpenSSL finder: symbols -> file offsets ----
 
 
-def _vaddr_to_offset(elf, vaddr: int) -> int | None:  # type: ignore[no-untyped-def]
-    """A uprobe wants a FILE offset: find the PT_LOAD segment holding vaddr."""
-    for seg in elf.iter_segments():
-        if seg["p_type"] != "PT_LOAD":
-            continue
-        start = seg["p_vaddr"]
-        if start <= vaddr < start + seg["p_filesz"]:
-            return vaddr - start + seg["p_offset"]
-    return None
-
-
 def elf_function_offsets(path: str, names: Iterable[str]) -> tuple[dict[str, int], str]:
     """FILE offsets of the defined functions `names` in ELF `path` (dynsym first, then symtab), and where found."""
-    from elftools.elf.elffile import ELFFile
-    from elftools.common.exceptions import ELFError
+    from llmspyd.discovery.elfsyms import NotElf, open_elf
 
-    wanted = set(names)
-    found: dict[str, int] = {}
-    how = ""
     try:
-        with open(path, "rb") as f:
-            elf = ELFFile(f)
-            for secname in (".dynsym", ".symtab"):
-                sec = elf.get_section_by_name(secname)
-                if sec is None or not hasattr(sec, "get_symbol_by_name"):
-                    continue
-                for name in wanted - set(found):
-                    for sym in sec.get_symbol_by_name(name) or []:
-                        if sym["st_shndx"] == "SHN_UNDEF" or sym["st_info"]["type"] != "STT_FUNC" or not sym["st_value"]:
-                            continue
-                        off = _vaddr_to_offset(elf, sym["st_value"])
-                        if off is not None:
-                            found[name] = off
-                            how = how or secname.lstrip(".")
-                            break
-                if len(found) == len(wanted):
-                    break
-    except (OSError, ELFError, ValueError) as e:
+        with open_elf(path) as elf:
+            syms = elf.lookup(list(names))
+    except (OSError, NotElf, ValueError) as e:
         log.debug("cannot read symbols of %s: %s", path, e)
-    return found, how
+        return {}, ""
+    how = sorted({s.table.lstrip(".") for s in syms.values()})
+    return {name: s.offset for name, s in syms.items()}, "+".join(how)
 
 
 def openssl_target(path: str) -> Target | None:
@@ -302,6 +297,20 @@ class OpenSslScanner:
         if target is None:
             return []
         return self._probes.attach(target)
+
+    def scan_file(self, path: str) -> list[str]:
+        """Probe one library or executable now; returns its attached roles (also if attached before)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return []
+        key = (st.st_dev, st.st_ino)
+        att = self._probes.attached().get(key)
+        if att is not None:
+            return list(att.roles)
+        with self._lock:
+            self._seen.discard(key)
+        return self._consider(path, key)
 
     def scan_system(self) -> int:
         n = 0

@@ -1,0 +1,104 @@
+"""One running capture: BPF objects loaded, probes attached, the ring read, events handed to a sink.
+
+Used by `llmspy sniff`, the e2e test fixture and the benchmark; the daemon (llmspyd.app) composes the same
+pieces with the full discovery scanner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+from llmspyd.bpf.libbpf import num_possible_cpus
+from llmspyd.bpf.loader import ObjectSet, objects_dir
+from llmspyd.bpf.probes import OpenSslScanner, ProbeManager
+from llmspyd.capture.reader import RingReader
+from llmspyd.chunks import CaptureEvent, ProcessExec
+
+log = logging.getLogger(__name__)
+
+# objects for OpenSSL capture; process.bpf.o first: it owns the shared maps
+OPENSSL_OBJECTS = ("process.bpf.o", "tls_openssl.bpf.o")
+# 8 MiB ring: at ~250 B per small record, tens of thousands of records of slack between two reader polls
+DEFAULT_RING_BYTES = 8 << 20
+# the kernel wants a ring of a power of two pages
+MIN_RING_BYTES = 4096
+
+
+def check_ring_size(n: int) -> int:
+    if n < MIN_RING_BYTES or n & (n - 1):
+        raise ValueError(f"ring size {n} must be a power of two of at least {MIN_RING_BYTES} bytes")
+    return n
+
+
+class CaptureSession:
+    """Load, attach, read. `sink` gets batches of events on the reader thread.
+
+    wakeup_bytes 0 wakes the reader per record (lowest latency); N lets records wait in the ring until N
+    bytes are there or the reader's poll timer fires (cheapest for the traced processes).
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[list[CaptureEvent]], None],
+        *,
+        objects: Sequence[str] = OPENSSL_OBJECTS,
+        ring_bytes: int = DEFAULT_RING_BYTES,
+        max_call_bytes: int = 0,
+        wakeup_bytes: int | None = None,
+        poll_ms: int = 100,
+        self_tgid: int | None = None,
+        scan: bool = True,
+    ) -> None:
+        self._sink = sink
+        self.ring_bytes = check_ring_size(ring_bytes)
+        if wakeup_bytes is None:
+            wakeup_bytes = ring_bytes // 4
+        d = objects_dir()
+        self.objects = ObjectSet(
+            [d / name for name in objects],
+            rodata={
+                "self_tgid": os.getpid() if self_tgid is None else self_tgid,
+                "max_call_bytes": max_call_bytes,
+                "wakeup_bytes": wakeup_bytes,
+            },
+            max_entries={"rb": ring_bytes, "scratch": num_possible_cpus()},
+        )
+        self.probes = ProbeManager(self.objects)
+        self.scanner = OpenSslScanner(self.probes)
+        self.reader = RingReader(self.objects.map("rb"), self._on_batch, poll_ms=poll_ms)
+        self._scan = scan
+
+    def start(self) -> CaptureSession:
+        try:
+            self.probes.attach_global()
+            self.reader.start()
+            if self._scan:
+                n = self.scanner.scan_all()
+                log.info("attached to %d OpenSSL file(s)", n)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _on_batch(self, events: list[CaptureEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, ProcessExec):
+                self.scanner.on_exec(ev.pid)
+        self._sink(events)
+
+    def stats(self) -> dict[str, int]:
+        return self.probes.stats()
+
+    def close(self) -> None:
+        self.scanner.close()
+        self.probes.close()
+        self.reader.stop()
+        self.objects.close()
+
+    def __enter__(self) -> CaptureSession:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
