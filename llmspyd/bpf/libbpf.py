@@ -49,9 +49,6 @@ BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 BPF_MAP_TYPE_RINGBUF = 27
 PERCPU_MAP_TYPES = frozenset({BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH})
 
-# one libbpf log line is short; longer ones are cut, not lost entirely
-_LOG_LINE_MAX = 4096
-
 
 class LibbpfError(OSError):
     """A libbpf call failed. `errno` is set; the message names what failed."""
@@ -130,7 +127,9 @@ class _Lib:
     def __init__(self) -> None:
         lib = ctypes.CDLL(LIBBPF_SONAME, use_errno=True)
         libc = ctypes.CDLL(None, use_errno=True)
-        self.vsnprintf = _fn(libc, "vsnprintf", ctypes.c_int, _c_char_p, _size_t, _c_char_p, _c_void_p)
+        # vasprintf: a verifier log arrives as one message of any length
+        self.vasprintf = _fn(libc, "vasprintf", ctypes.c_int, ctypes.POINTER(_c_void_p), _c_char_p, _c_void_p)
+        self.free = _fn(libc, "free", None, _c_void_p)
         self.set_print = _fn(lib, "libbpf_set_print", _c_void_p, _PRINT_FN)
         self.num_possible_cpus = _fn(lib, "libbpf_num_possible_cpus", ctypes.c_int)
         # object
@@ -241,11 +240,17 @@ def set_log_handler(fn: Callable[[int, str], None]) -> None:
 
     def _print(level: int, fmt: bytes | None, ap: int | None) -> int:
         try:
-            buf = ctypes.create_string_buffer(_LOG_LINE_MAX)
-            # va_list is passed by pointer on x86-64 and arm64, so vsnprintf can format it for us
-            n = lib.vsnprintf(buf, _LOG_LINE_MAX, fmt, ap)
-            fn(level, buf.value.decode(errors="replace").rstrip("\n"))
-            return max(n, 0)
+            out = _c_void_p()
+            # va_list is passed by pointer on x86-64 and arm64, so libc can format it for us
+            n = lib.vasprintf(ctypes.byref(out), fmt, ap)
+            if n < 0 or not out.value:
+                return 0
+            try:
+                text = ctypes.string_at(out.value, n)
+            finally:
+                lib.free(out)
+            fn(level, text.decode(errors="replace").rstrip("\n"))
+            return n
         except Exception:  # a log handler must never unwind into C
             log.exception("libbpf log handler failed")
             return 0

@@ -99,6 +99,19 @@ static __always_inline int emit(__u32 kind, __s64 value)
 	return 0;
 }
 
+#ifdef BAD_PROG
+/* the verifier must refuse this: the lookup may return NULL */
+SEC("raw_tp/sys_enter")
+int bad_prog(void *ctx)
+{
+	__u32 k = 0;
+	__u64 *v = bpf_map_lookup_elem(&shared, &k); /* a hash map: may really be NULL */
+
+	*v += 1;
+	return 0;
+}
+#endif
+
 #ifndef SECOND
 SEC("uprobe")
 int BPF_KPROBE(on_enter, const char *arg)

@@ -50,6 +50,7 @@ def objs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "main": compile_test_object(d / "t_main.bpf.o"),
         "second": compile_test_object(d / "t_second.bpf.o", "SECOND"),
         "bad": compile_test_object(d / "t_bad.bpf.o", "SECOND", "BAD_SHARED"),
+        "unverifiable": compile_test_object(d / "t_unverifiable.bpf.o", "BAD_PROG"),
     }
 
 
@@ -331,6 +332,19 @@ def test_log_lines_reach_python_logging(objs: dict[str, Path], caplog: pytest.Lo
             with pytest.raises(LibbpfError):
                 obj.program("on_enter").attach_uprobe(libc_path(), func_name="llmspy_no_such_function")
     assert any("llmspy_no_such_function" in r.getMessage() for r in caplog.records)
+
+
+def test_verifier_refusal_raises_and_logs_the_verifier_log(
+    objs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="llmspyd.bpf.libbpf"):
+        with BpfObject.open(objs["unverifiable"]) as obj:
+            with pytest.raises(LibbpfError) as exc:
+                obj.load()
+    assert "t_unverifiable.bpf.o" in str(exc.value) and exc.value.errno
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "bad_prog" in text
+    assert "map_value_or_null" in text  # the verifier's own reason, whole, not cut at a buffer size
 
 
 def test_ring_buffer_callback_exception_is_raised_from_poll(objs: dict[str, Path], children: tuple[Child, Child]) -> None:
