@@ -1,0 +1,386 @@
+"""Exec and exit events -> scans -> probes attached, before a new program's first TLS call.
+
+At the exec event the new image has only its executable and ld.so mapped. So,
+in order:
+
+1. the executable is analysed at once (a Go binary or Bun carries its TLS);
+2. its DT_NEEDED closure is resolved as ld.so will resolve it (ldso.py) and
+   every library found is analysed and probed, so libssl is probed before it
+   is even mapped;
+3. /proc/PID/maps is read again a few times over the first second
+   (RESCAN_DELAYS) for libraries opened with dlopen() (Python loads _ssl,
+   hence libssl, on first `import ssl`).
+
+Attaching is per file: a file probed once covers every process mapping it.
+Files are keyed by inode, so a library replaced at the same path (an upgrade)
+is a new file, probed when a process maps it or resolves it, and also found
+by the periodic sweep, which checks that each probed path still names the
+probed inode.
+
+All work happens on one worker thread: `on_event`/`on_exec` only enqueue, so
+the pipeline thread that calls them never waits for an attach.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from llmspyd.chunks import ProcessExec, ProcessExit
+from llmspyd.discovery import ldso, procmaps
+from llmspyd.discovery.scanner import FileVerdict, ProcessCoverage, Scanner
+from llmspyd.discovery.target import Target, Uncovered
+from llmspyd.process import read_process
+
+log = logging.getLogger(__name__)
+
+# after exec: when to read maps again for dlopen()ed libraries (seconds). Dense first: most clients load their
+# TLS library within tens of ms; the last catches slow starters (Python imports ssl late)
+RESCAN_DELAYS = (0.005, 0.02, 0.06, 0.15, 0.4, 1.0, 2.5)
+# every process is re-read this often: catches anything an event missed (lost exec records) and replaced files
+SWEEP_INTERVAL_S = 10.0
+# attach failures are retried this many times (a path may vanish between the scan and the attach)
+MAX_ATTACH_TRIES = 3
+
+Attach = Callable[[Target], list[str]]
+Detach = Callable[[tuple[int, int]], bool]
+ScopeFn = Callable[[int, str, str, int, str], bool]  # (pid, exe, comm, uid, cgroup) -> trace it?
+
+
+@dataclass(slots=True)
+class Attached:
+    target: Target
+    roles: list[str]
+    ns_path: str = ""  # the file's path inside the namespace of `pid`, for the replaced-file check
+    pid: int = 0
+    attached_at: float = 0.0
+
+
+@dataclass(slots=True)
+class _State:
+    coverage: dict[int, ProcessCoverage] = field(default_factory=dict)
+    skipped: set[int] = field(default_factory=set)  # out of scope
+    attached: dict[tuple[int, int], Attached] = field(default_factory=dict)
+    failed: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # key -> (tries, error)
+    exec_ts: dict[int, float] = field(default_factory=dict)  # pid -> monotonic time of its exec event
+
+
+class ExecWatcher:
+    """Owns per-pid coverage; calls `attach(target)` (ProbeManager.attach) for each file worth probing."""
+
+    def __init__(
+        self,
+        attach: Attach,
+        *,
+        scanner: Scanner | None = None,
+        scope: ScopeFn | None = None,
+        detach: Detach | None = None,
+        rescan_delays: tuple[float, ...] = RESCAN_DELAYS,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+        on_attached: Callable[[int, Target, list[str], float], None] | None = None,
+    ) -> None:
+        self._attach = attach
+        self._detach = detach
+        self.scanner = scanner or Scanner()
+        self.scope = scope
+        self.rescan_delays = rescan_delays
+        self.sweep_interval_s = sweep_interval_s
+        self.on_attached = on_attached  # (pid, target, roles, seconds since that pid's exec): for the bench
+        self._ld = ldso.LdCaches()
+        self._st = _State()
+        self._lock = threading.RLock()  # guards _st; held by the worker only while it updates state
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[float, int, str, int]] = []  # (due, seq, kind, pid)
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.counters = {"execs": 0, "exits": 0, "scans": 0, "attached": 0, "attach_failed": 0, "predicted": 0,
+                         "replaced": 0, "out_of_scope": 0}
+
+    @classmethod
+    def for_probes(cls, probes: Any, **kw: Any) -> ExecWatcher:
+        """Wire to a ProbeManager (llmspyd.bpf.probes)."""
+        return cls(probes.attach, detach=getattr(probes, "detach", None), **kw)
+
+    # ---- events (any thread; never blocks on a scan) ---------------------------------------------------------
+    def on_event(self, ev: object) -> None:
+        if isinstance(ev, ProcessExec):
+            self.on_exec(ev.pid)
+        elif isinstance(ev, ProcessExit):
+            self.on_exit(ev.pid)
+
+    def on_exec(self, pid: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._st.exec_ts[pid] = now
+        self._push(now, "exec", pid)
+
+    def on_exit(self, pid: int) -> None:
+        self._push(time.monotonic(), "exit", pid)
+
+    def _push(self, due: float, kind: str, pid: int) -> None:
+        with self._cond:
+            heapq.heappush(self._queue, (due, next(self._seq), kind, pid))
+            self._cond.notify()
+        self.start()
+
+    # ---- synchronous entry points ------------------------------------------------------------------------------
+    def scan_all(self) -> int:
+        """Scan every live process now (daemon start); returns how many files are probed. Starts the worker."""
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                self._scan(int(name), predict=False)
+        self.start()
+        with self._lock:
+            return len(self._st.attached)
+
+    def scan_pid(self, pid: int) -> ProcessCoverage | None:
+        self._scan(pid, predict=False)
+        with self._lock:
+            return self._st.coverage.get(pid)
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None or self._stop:
+                return
+            self._thread = threading.Thread(target=self._run, name="llmspy-discovery", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+            t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+
+    def idle(self) -> bool:
+        """No work due now (for tests: wait until the exec work is done)."""
+        with self._cond:
+            return not self._queue or self._queue[0][0] > time.monotonic()
+
+    # ---- worker ------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_interval_s
+        while True:
+            with self._cond:
+                while not self._stop:
+                    now = time.monotonic()
+                    due = self._queue[0][0] if self._queue else next_sweep
+                    if due <= now or next_sweep <= now:
+                        break
+                    self._cond.wait(min(due, next_sweep) - now)
+                if self._stop:
+                    return
+                item = heapq.heappop(self._queue) if self._queue and self._queue[0][0] <= time.monotonic() else None
+            try:
+                if item is None:
+                    self._sweep()
+                    next_sweep = time.monotonic() + self.sweep_interval_s
+                else:
+                    _, _, kind, pid = item
+                    if kind == "exec":
+                        self._exec(pid)
+                    elif kind == "rescan":
+                        self._scan(pid, predict=False)
+                    elif kind == "exit":
+                        self._exit(pid)
+            except Exception:  # discovery must outlive any one process or file
+                log.exception("discovery work item %s failed", item)
+
+    def _exec(self, pid: int) -> None:
+        self.counters["execs"] += 1
+        with self._lock:
+            # exec replaces the image: what the old one mapped is no longer its coverage
+            self._st.coverage.pop(pid, None)
+            self._st.skipped.discard(pid)
+        self._scan(pid, predict=True)
+        t0 = time.monotonic()
+        with self._cond:
+            for d in self.rescan_delays:
+                heapq.heappush(self._queue, (t0 + d, next(self._seq), "rescan", pid))
+            self._cond.notify()
+
+    def _exit(self, pid: int) -> None:
+        self.counters["exits"] += 1
+        with self._lock:
+            self._st.coverage.pop(pid, None)
+            self._st.skipped.discard(pid)
+            self._st.exec_ts.pop(pid, None)
+        with self._cond:  # pending rescans of a dead pid would only find nothing
+            self._queue = [q for q in self._queue if q[3] != pid]
+            heapq.heapify(self._queue)
+
+    def _in_scope(self, pid: int) -> bool:
+        if self.scope is None:
+            return True
+        with self._lock:
+            if pid in self._st.skipped:
+                return False
+        info = read_process(pid)
+        ok = bool(self.scope(pid, info.exe, info.comm, info.uid, info.cgroup))
+        if not ok:
+            self.counters["out_of_scope"] += 1
+            with self._lock:
+                self._st.skipped.add(pid)
+        return ok
+
+    def _scan(self, pid: int, *, predict: bool) -> None:
+        if pid == self.scanner.self_pid or not self._in_scope(pid):
+            return
+        self.counters["scans"] += 1
+        with self._lock:
+            prev = self._st.coverage.get(pid)
+        cov = self.scanner.scan_process(pid, prev)
+        if cov is None:
+            return
+        with self._lock:
+            self._st.coverage[pid] = cov
+        for t in list(cov.targets.values()):
+            self._ensure(pid, t, _ns_path_of(pid, t))
+        if predict:
+            self._predict(pid, cov)
+
+    def _predict(self, pid: int, cov: ProcessCoverage) -> None:
+        """Probe the libraries the loader is about to map (DT_NEEDED closure of the executable)."""
+        ns_exe = procmaps.exe_path(pid)
+        exe = next((mf for mf in procmaps.executable_files(pid) if mf.is_exe), None)
+        if exe is None or not ns_exe:
+            return
+        opened = procmaps.open_mapped(pid, exe)
+        if opened is None:
+            return
+        verdicts: dict[tuple[int, int], FileVerdict] = {}
+
+        def dynamic_info(f: procmaps.OpenedFile) -> tuple[list[str], list[str], list[str]] | None:
+            v, _ = self.scanner.analyse(f)
+            verdicts[f.key] = v
+            return (v.needed, v.rpath, v.runpath) if v.is_dynamic else None
+
+        for ns_path, lib in ldso.needed_closure(pid, ns_exe, opened, dynamic_info, self._ld):
+            v = verdicts.get(lib.key) or self.scanner.analyse(lib)[0]
+            if v.target is None and v.uncovered is None:
+                continue
+            target = replace(v.target, path=lib.path, dev=lib.dev, ino=lib.ino) if v.target else None
+            with self._lock:
+                cov.merge(v, target)
+                cov.seen.add(lib.key)
+            if target is not None and self._ensure(pid, target, ns_path):
+                self.counters["predicted"] += 1
+
+    def _ensure(self, pid: int, target: Target, ns_path: str) -> bool:
+        """Attach `target` unless it is already; True when attached by this call."""
+        with self._lock:
+            if target.key in self._st.attached:
+                return False
+            tries, last = self._st.failed.get(target.key, (0, ""))
+            if tries >= MAX_ATTACH_TRIES:
+                self._mark_failed(pid, target, last)
+                return False
+        try:
+            roles = self._attach(target)
+            err = "" if roles else "no probe attached (see the daemon log)"
+        except Exception as e:  # the attacher reports; discovery carries on with the other files
+            roles, err = [], str(e)
+        now = time.monotonic()
+        with self._lock:
+            if not roles:
+                self.counters["attach_failed"] += 1
+                self._st.failed[target.key] = (tries + 1, err)
+                self._mark_failed(pid, target, err)
+                return False
+            self._st.failed.pop(target.key, None)
+            self._st.attached[target.key] = Attached(target, roles, ns_path, pid, now)
+            self.counters["attached"] += 1
+            exec_ts = self._st.exec_ts.get(pid)
+        log.info("probing %s (%s via %s): %s", ns_path or target.path, target.stack.name, target.how, ",".join(roles))
+        if self.on_attached is not None:
+            self.on_attached(pid, target, roles, now - exec_ts if exec_ts is not None else -1.0)
+        return True
+
+    def _mark_failed(self, pid: int, target: Target, err: str) -> None:
+        with self._lock:
+            cov = self._st.coverage.get(pid)
+            if cov is not None:
+                cov.uncovered[target.key] = Uncovered(target.path, target.dev, target.ino, target.stack,
+                                                      f"attach failed: {err}")
+
+    # ---- periodic sweep: lost events, dead pids, replaced files -------------------------------------------
+    def _sweep(self) -> None:
+        live = {int(n) for n in os.listdir("/proc") if n.isdigit()}
+        with self._lock:
+            for pid in [p for p in self._st.coverage if p not in live]:
+                self._st.coverage.pop(pid, None)
+                self._st.exec_ts.pop(pid, None)
+            self._st.skipped &= live
+        self.check_replaced()
+        for pid in live:
+            self._scan(pid, predict=False)
+
+    def check_replaced(self) -> int:
+        """Probe files that replaced a probed file at the same path (new inode); returns how many."""
+        with self._lock:
+            atts = list(self._st.attached.values())
+        n = 0
+        for att in atts:
+            if not att.ns_path or not os.path.exists(f"/proc/{att.pid}"):
+                continue
+            now = procmaps.open_in_root(att.pid, att.ns_path)
+            if now is None or now.key == att.target.key:
+                continue
+            with self._lock:
+                known = now.key in self._st.attached
+            if known:
+                continue
+            v, _ = self.scanner.analyse(now)
+            if v.target is not None:
+                t = replace(v.target, path=now.path, dev=now.dev, ino=now.ino)
+                if self._ensure(att.pid, t, att.ns_path):
+                    self.counters["replaced"] += 1
+                    n += 1
+        return n
+
+    # ---- health ------------------------------------------------------------------------------------------------
+    def coverage(self) -> dict[int, ProcessCoverage]:
+        with self._lock:
+            return dict(self._st.coverage)
+
+    def attached(self) -> dict[tuple[int, int], Attached]:
+        with self._lock:
+            return dict(self._st.attached)
+
+    def status(self) -> dict[str, Any]:
+        """For `llmspy status` / the health report: what is probed, who is covered, who is not and why."""
+        with self._lock:
+            covs = list(self._st.coverage.values())
+            atts = list(self._st.attached.values())
+            failed = dict(self._st.failed)
+        tls = [c for c in covs if c.stacks]
+        return {
+            "files_probed": sorted(
+                f"{a.ns_path or a.target.path} [{a.target.stack.name.lower()}, {a.target.how}]: {','.join(a.roles)}"
+                for a in atts
+            ),
+            "processes_with_tls": len(tls),
+            "covered": sorted(f"{c.pid} {c.comm}" for c in tls if c.targets and not c.uncovered),
+            "uncovered": [
+                {"pid": c.pid, "comm": c.comm, "exe": c.exe, "reasons": sorted(u.reason for u in c.uncovered.values())}
+                for c in tls
+                if c.uncovered
+            ],
+            "attach_failures": {f"{k[0]}:{k[1]}": err for k, (_, err) in failed.items()},
+            "counters": dict(self.counters) | dict(self.scanner.counters),
+        }
+
+
+def _ns_path_of(pid: int, t: Target) -> str:
+    """The path inside the process's namespace of a target opened through /proc/PID/root (else "")."""
+    prefix = f"/proc/{pid}/root"
+    return t.path[len(prefix):] if t.path.startswith(prefix + "/") else ""
