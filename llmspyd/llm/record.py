@@ -180,4 +180,5 @@ def wall_iso(mono_ns: int | None, clock_offset_ns: int) -> str | None:
         return None
     epoch_ns = mono_ns + clock_offset_ns
     dt = _dt.datetime.fromtimestamp(epoch_ns // 1_000_000_000, tz=_dt.timezone.utc)
-    return dt.replace(microsecond=(epoch_ns % 1_000_000_000) // 1000).isoformat().replace("+00:00", "Z")
+    dt = dt.replace(microsecond=(epoch_ns % 1_000_000_000) // 1000)
+    return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")

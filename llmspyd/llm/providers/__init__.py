@@ -52,6 +52,13 @@ _OLLAMA_GENERATE = ollama.Generate()
 _OLLAMA_EMBED = ollama.Embed()
 _GENERIC = generic.Generic()
 
+# provider name of an unknown endpoint, from the wire format its body has
+_COMPATIBLE: dict[type, str] = {
+    openai.ChatCompletions: "openai-compatible", openai.Responses: "openai-compatible",
+    openai.Completions: "openai-compatible", openai.Embeddings: "openai-compatible",
+    anthropic.Messages: "anthropic-compatible", gemini.GenerateContent: "gemini-compatible",
+}
+
 _GEMINI_PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$")
 _VERTEX_CLAUDE_PATH = re.compile(r"/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$")
 _BEDROCK_PATH = re.compile(r"/model/([^/]+)/(converse|converse-stream|invoke|invoke-with-response-stream)$")
@@ -189,6 +196,8 @@ def detect_body(det: Detection, body: Any, path: str, authority: str, headers: l
         fmt = _OLLAMA_GENERATE if ollama_host else _COMPLETIONS
     else:
         fmt = _GENERIC
+    if prov == "generic":
+        prov = _COMPATIBLE.get(type(fmt), "generic")
     return Detection(prov, fmt.api, fmt, True, det.model, det.stream_hint)
 
 
