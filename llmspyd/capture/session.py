@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
+from llmspyd.bpf.abi import Verdict
 from llmspyd.bpf.libbpf import num_possible_cpus
 from llmspyd.bpf.loader import ObjectSet, objects_dir
 from llmspyd.bpf.probes import OpenSslScanner, ProbeManager
@@ -37,6 +38,7 @@ class CaptureSession:
 
     wakeup_bytes 0 wakes the reader per record (lowest latency); N lets records wait in the ring until N
     bytes are there or the reader's poll timer fires (cheapest for the traced processes).
+    default_verdict SKIP traces only processes given TRACE with probes.set_pid_verdict / set_cgroup_verdict.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class CaptureSession:
         wakeup_bytes: int | None = None,
         poll_ms: int = 100,
         self_tgid: int | None = None,
+        default_verdict: int = Verdict.TRACE,
         scan: bool = True,
     ) -> None:
         self._sink = sink
@@ -62,6 +65,7 @@ class CaptureSession:
                 "self_tgid": os.getpid() if self_tgid is None else self_tgid,
                 "max_call_bytes": max_call_bytes,
                 "wakeup_bytes": wakeup_bytes,
+                "default_verdict": int(default_verdict),
             },
             max_entries={"rb": ring_bytes, "scratch": num_possible_cpus()},
         )

@@ -351,3 +351,70 @@ def _repo_root() -> str:
     from pathlib import Path
 
     return str(Path(__file__).resolve().parents[2])
+
+
+def _start_sniff(*args: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "llmspyd.cli", "sniff", *args], cwd=_repo_root(), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    notes = []
+    for line in p.stderr:
+        notes.append(line)
+        if "capturing" in line:
+            return p
+    p.wait(timeout=10)
+    raise AssertionError("sniff did not start: " + "".join(notes))
+
+
+def _stop_sniff(p: subprocess.Popen) -> tuple[list[str], str]:
+    import signal
+
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    return out.splitlines(), err
+
+
+def test_sniff_json_pid_filter(tls_server, tls_env):
+    import base64
+
+    client = subprocess.Popen(python_client(PY_WAIT.format(port=tls_server.port)), env=tls_env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    other = None
+    try:
+        sniff = _start_sniff("--json", "--pid", str(client.pid))
+        client.stdin.write("sniffed-request\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "sniffed-request"
+        # another process's traffic must not show up
+        other = subprocess.run(["curl", "-sS", "--http1.1", "-o", "/dev/null", f"{tls_server.url}/bytes/10"],
+                               env=tls_env, timeout=CLIENT_TIMEOUT)
+        lines, err = _stop_sniff(sniff)
+    finally:
+        client.stdin.close()
+        client.wait(timeout=CLIENT_TIMEOUT)
+    objs = [json.loads(line) for line in lines]
+    assert objs, err
+    assert {o["pid"] for o in objs} == {client.pid}
+    for o in objs:
+        assert set(o) >= {"pid", "comm", "conn", "direction", "offset", "len", "data", "ts", "tid", "fd", "peer", "flags"}
+        assert len(base64.b64decode(o["data"])) == o["len"]
+    writes = b"".join(base64.b64decode(o["data"]) for o in objs if o["direction"] == "write")
+    reads = b"".join(base64.b64decode(o["data"]) for o in objs if o["direction"] == "read")
+    assert writes.startswith(b"POST /echo HTTP/1.1\r\n") and writes.endswith(b"\r\n\r\nsniffed-request")
+    assert reads.startswith(b"HTTP/1.1 200 OK\r\n") and reads.endswith(b"sniffed-request")
+    assert objs[0]["peer"] == f"127.0.0.1:{tls_server.port}" and objs[0]["offset"] == 0
+    assert "lost_records=0" in err
+
+
+def test_sniff_human_exe_filter(tls_server, tls_env):
+    sniff = _start_sniff("--exe", "curl")
+    subprocess.run(["curl", "-sS", "--http1.1", "-o", "/dev/null", "--data-binary", "hi-from-curl",
+                    f"{tls_server.url}/echo"], env=tls_env, timeout=CLIENT_TIMEOUT, check=True)
+    subprocess.run(python_client(PY_URLLIB.format(url=tls_server.url)), env=tls_env, cwd=_repo_root(),
+                   timeout=CLIENT_TIMEOUT, check=True, capture_output=True)
+    lines, _ = _stop_sniff(sniff)
+    text = "\n".join(lines)
+    assert "POST /echo HTTP/1.1" in text and "hi-from-curl" in text
+    heads = [line for line in lines if " >> conn " in line or " << conn " in line]
+    assert heads and all(" curl[" in h for h in heads)
+    assert "GET /bytes/3000" not in text  # the python client is filtered out
