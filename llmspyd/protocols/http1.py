@@ -46,10 +46,10 @@ _HEADER_NAME = re.compile(_TOKEN + rb"\Z")
 # message starts we re-synchronise on after a gap or a parse error. Not anchored
 # to a line start: a message follows a Content-Length body with no newline.
 # A whole start line is required, so body text rarely matches by accident.
-_RESYNC_REQUEST = re.compile(
+RESYNC_REQUEST = re.compile(
     rb"(?:GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS|CONNECT|TRACE) [^ \r\n]+ HTTP/1\.[01]\r?\n"
 )
-_RESYNC_RESPONSE = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: [^\r\n]*)?\r?\n")
+RESYNC_RESPONSE = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: [^\r\n]*)?\r?\n")
 
 # reader states
 _START, _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _TUNNEL, _RESYNC, _HOLD = range(11)
@@ -380,7 +380,7 @@ class Http1Connection:
                 self._data(r, data, ts)
             return False
         if st == _RESYNC:
-            pat = _RESYNC_REQUEST if r.is_request else _RESYNC_RESPONSE
+            pat = RESYNC_REQUEST if r.is_request else RESYNC_RESPONSE
             m = pat.search(buf)
             if m is None:
                 if len(buf) > RESYNC_KEEP:

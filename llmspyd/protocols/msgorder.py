@@ -177,6 +177,8 @@ class Msg:
         if self.broken or (self.req_state == _REQ_ENDED and self.resp_ended):
             return
         self.broken = True
+        key = "broken_" + reason
+        self.counters[key] = self.counters.get(key, 0) + 1
         if self.held:
             # response events held behind an unfinished request cannot be delivered
             # without breaking the per-msg order; count them instead of hiding the loss
