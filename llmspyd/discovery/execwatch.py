@@ -6,7 +6,8 @@ in order:
 1. the executable is analysed at once (a Go binary or Bun carries its TLS);
 2. its DT_NEEDED closure is resolved as ld.so will resolve it (ldso.py) and
    every library found is analysed and probed, so libssl is probed before it
-   is even mapped;
+   is even mapped; so are the TLS libraries commonly dlopen()ed (DLOPEN_LIKELY),
+   resolved the same way in the process's root;
 3. /proc/PID/maps is read again a few times over the first second
    (RESCAN_DELAYS) for libraries opened with dlopen() (Python loads _ssl,
    hence libssl, on first `import ssl`).
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 # after exec: when to read maps again for dlopen()ed libraries (seconds). Dense first: most clients load their
 # TLS library within tens of ms; the last catches slow starters (Python imports ssl late)
 RESCAN_DELAYS = (0.005, 0.02, 0.06, 0.15, 0.4, 1.0, 2.5)
+# TLS libraries programs load with dlopen() rather than link (Python's _ssl, curl plugins, ...): resolved in the
+# process's root at exec like DT_NEEDED entries, so a container's own libssl is probed before the dlopen
+DLOPEN_LIKELY = ("libssl.so.3", "libssl.so.1.1", "libgnutls.so.30")
 # every process is re-read this often: catches anything an event missed (lost exec records) and replaced files
 SWEEP_INTERVAL_S = 10.0
 # attach failures are retried this many times (a path may vanish between the scan and the attach)
@@ -264,7 +268,17 @@ class ExecWatcher:
             verdicts[f.key] = v
             return (v.needed, v.rpath, v.runpath) if v.is_dynamic else None
 
-        for ns_path, lib in ldso.needed_closure(pid, ns_exe, opened, dynamic_info, self._ld):
+        libs = ldso.needed_closure(pid, ns_exe, opened, dynamic_info, self._ld)
+        if libs or (opened.key in verdicts and verdicts[opened.key].is_dynamic):
+            known = {lib.key for _, lib in libs}
+            resolver = ldso.Resolver(pid, self._ld, ldso.elf_ident(opened.path))
+            for name in DLOPEN_LIKELY:
+                found = resolver.resolve(name, os.path.dirname(ns_exe), [], [])
+                lib = procmaps.open_in_root(pid, found) if found else None
+                if lib is not None and lib.key not in known:
+                    known.add(lib.key)
+                    libs.append((found, lib))  # type: ignore[arg-type]
+        for ns_path, lib in libs:
             v = verdicts.get(lib.key) or self.scanner.analyse(lib)[0]
             if v.target is None and v.uncovered is None:
                 continue
@@ -371,7 +385,7 @@ class ExecWatcher:
             "processes_with_tls": len(tls),
             "covered": sorted(f"{c.pid} {c.comm}" for c in tls if c.targets and not c.uncovered),
             "uncovered": [
-                {"pid": c.pid, "comm": c.comm, "exe": c.exe, "reasons": sorted(u.reason for u in c.uncovered.values())}
+                {"pid": c.pid, "comm": c.comm, "exe": c.exe, "container": c.container, "reasons": sorted(u.reason for u in c.uncovered.values())}
                 for c in tls
                 if c.uncovered
             ],

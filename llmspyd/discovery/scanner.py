@@ -30,6 +30,7 @@ from typing import Any
 
 from llmspyd.chunks import Stack
 from llmspyd.discovery import procmaps
+from llmspyd.discovery.cgroups import container_of
 from llmspyd.discovery.elfsyms import ElfImage, NotElf, open_elf
 from llmspyd.discovery.target import Target, Uncovered
 
@@ -75,6 +76,7 @@ class ProcessCoverage:
     pid: int
     comm: str = ""
     exe: str = ""
+    container: str = ""  # llmspyd.discovery.cgroups.container_of: "docker:<id>", "unit:x.service", ""
     stacks: set[Stack] = field(default_factory=set)
     targets: dict[tuple[int, int], Target] = field(default_factory=dict)
     uncovered: dict[tuple[int, int], Uncovered] = field(default_factory=dict)
@@ -96,6 +98,7 @@ class ProcessCoverage:
             "pid": self.pid,
             "comm": self.comm,
             "exe": self.exe,
+            "container": self.container,
             "stacks": sorted(s.name.lower() for s in self.stacks),
             "targets": sorted(f"{t.path} ({t.stack.name.lower()}, {t.how})" for t in self.targets.values()),
             "uncovered": sorted(f"{u.path}: {u.reason}" for u in self.uncovered.values()),
@@ -265,6 +268,7 @@ class Scanner:
         cov.new_targets = []
         if not cov.comm:
             cov.comm = _read_comm(pid)
+            cov.container = _read_container(pid)
         cov.exe = procmaps.exe_path(pid) or cov.exe
         for mf in files:
             if mf.key in cov.seen:
@@ -314,6 +318,14 @@ def _target(f: procmaps.OpenedFile, stack: Stack, found: dict[str, Any], roles: 
         offsets={r: [found[r].offset] for r in roles if r in found},
         how=how,
     )
+
+
+def _read_container(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cgroup") as fh:
+            return container_of(fh.read())
+    except OSError:
+        return ""
 
 
 def _read_comm(pid: int) -> str:

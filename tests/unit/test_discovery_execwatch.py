@@ -93,17 +93,30 @@ def test_libssl_probed_before_the_loader_maps_it(watcher: ExecWatcher, rec: Reco
     assert wait_for(lambda: pid not in watcher.coverage())
 
 
-def test_dlopen_after_exec_caught_by_rescan(watcher: ExecWatcher, rec: Recorder) -> None:
-    code = "import time; time.sleep(0.15); import ssl; print('ready', flush=True); time.sleep(30)"
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+def test_dlopen_after_exec_caught_by_rescan(watcher: ExecWatcher, rec: Recorder, tmp_path: Path) -> None:
+    lib = tmp_path / "libcustomtls.so"  # a TLS library nobody could predict: only the rescans can find it
+    shutil.copy(LIBSSL, lib)
+    code = ("import ctypes, sys, time; time.sleep(0.15); ctypes.CDLL(sys.argv[1]); print('ready', flush=True); "
+            "time.sleep(30)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(lib)], stdout=subprocess.PIPE)
     try:
         watcher.on_exec(p.pid)
         assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
-        assert wait_for(lambda: key_of(LIBSSL) in rec.keys())
-        assert watcher.counters["predicted"] == 0  # python does not link libssl: found in maps, not predicted
+        assert wait_for(lambda: key_of(str(lib)) in rec.keys())
     finally:
         p.kill()
         p.wait()
+
+
+def test_python_libssl_predicted_before_import_ssl(watcher: ExecWatcher, rec: Recorder) -> None:
+    """Python loads libssl with dlopen on `import ssl`: probed at exec all the same (DLOPEN_LIKELY)."""
+    pid = start_stopped([sys.executable, "-c", "import ssl"])
+    try:
+        watcher.on_exec(pid)
+        assert wait_for(lambda: key_of(LIBSSL) in rec.keys())
+        assert watcher.counters["predicted"] >= 1
+    finally:
+        kill(pid)
 
 
 def test_scan_all_covers_running_processes_once(watcher: ExecWatcher, rec: Recorder) -> None:
