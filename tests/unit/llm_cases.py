@@ -106,7 +106,7 @@ def events(case: Case, split: Any = None, msg: int = 1, t0: int = T0, keep_flush
 
 
 def replay(evs: list[HttpEvent], tracker: ConversationTracker | None = None) -> list[LlmExchange]:
-    asm = ExchangeAssembler(context(), conversations=tracker or ConversationTracker())
+    asm = ExchangeAssembler(context(), conversations=tracker if tracker is not None else ConversationTracker())
     out: list[LlmExchange] = []
     for ev in evs:
         out.extend(asm.on_event(ev))
@@ -132,3 +132,6 @@ def regen() -> None:
 if __name__ == "__main__":
     if "--regen" in sys.argv:
         regen()
+
+
+CASES_BY_NAME = {c.name: c for c in load_cases()}
