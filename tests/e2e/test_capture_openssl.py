@@ -418,3 +418,28 @@ def test_sniff_human_exe_filter(tls_server, tls_env):
     heads = [line for line in lines if " >> conn " in line or " << conn " in line]
     assert heads and all(" curl[" in h for h in heads)
     assert "GET /bytes/3000" not in text  # the python client is filtered out
+
+
+def test_max_call_bytes_cut_is_flagged_counted_and_offsets_continue(start_capture, tls_server, tls_env):
+    limit = 1000
+    session, log = start_capture(max_call_bytes=limit, poll_ms=50)
+    try:
+        before = session.stats()
+        n = 256 * 391  # PY_UPLOAD sends a multiple of 256 bytes
+        p = subprocess.Popen(python_client(PY_UPLOAD.format(port=tls_server.port, n=n)), env=tls_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = p.communicate(timeout=CLIENT_TIMEOUT)
+        assert p.returncode == 0, err
+        (conn,) = wait_conns(log, p.pid, 1)
+        assert log.wait_for(lambda: b"GET /bytes/10 " in log.stream(p.pid, conn, Direction.WRITE)[0])
+        body = [c for c in log.chunks(p.pid, conn, Direction.WRITE) if c.call_len == n]
+        assert len(body) == 1, [(c.call_len, c.offset, len(c.data), c.truncated) for c in log.chunks(p.pid, conn)]
+        assert body[0].truncated and len(body[0].data) == limit
+        after = session.stats()
+        assert after["truncated_calls"] > before["truncated_calls"]
+        assert after["truncated_bytes"] - before["truncated_bytes"] >= n - limit
+        # the next call starts after the whole body: the cut shows as a gap of exactly the bytes not captured
+        _, gaps = log.stream(p.pid, conn, Direction.WRITE)
+        assert gaps == [(body[0].offset + limit, n - limit)]
+    finally:
+        session.close()
