@@ -140,11 +140,15 @@ def test_go_with_real_go_finder(built: dict[str, str]) -> None:
     if s.go_finder is None:
         pytest.skip("golang finder does not import")
     want = expected_offsets(built["go_tls"], ("crypto/tls.(*Conn).Write", "crypto/tls.(*Conn).Read"), dynamic=False)
+    got = {}
     for kind in ("go_tls", "go_tls_stripped"):
         v, _ = s.analyse(opened(built[kind]))
         assert v.stack == Stack.GOTLS and v.target is not None, v.uncovered
-        assert v.target.offsets["go_write"] == want["crypto/tls.(*Conn).Write"]
-        assert v.target.offsets["go_read"] == want["crypto/tls.(*Conn).Read"]
+        got[kind] = v.target.offsets
+        # where in the function golang.py probes is its choice (it may skip the prologue): inside it, at least
+        for role, fn in (("go_write", "crypto/tls.(*Conn).Write"), ("go_read", "crypto/tls.(*Conn).Read")):
+            assert 0 <= v.target.offsets[role][0] - want[fn][0] < 64
+    assert got["go_tls"] == got["go_tls_stripped"]  # symbols or .gopclntab: the same places
 
 
 def test_static_openssl_found_in_symtab_and_stripped_is_uncovered(built: dict[str, str]) -> None:
