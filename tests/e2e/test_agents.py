@@ -1,0 +1,223 @@
+"""The real agents: Bun and Claude Code (stripped BoringSSL), installed from npm at pinned versions.
+
+1. The finder locates SSL_write/SSL_read in every pinned release (tests/agents/versions.txt).
+2. An independent oracle proves the offsets right: bpftrace (not our BPF code) puts a uprobe at each
+   found offset while the real program talks HTTPS to the local TLS server, and every byte the probes
+   saw (RSI with length EDX at SSL_write; the buffer after SSL_read returns) must be exactly what the
+   server received and sent on that connection, in order.
+
+Needs root (uprobes), bpftrace, and the npm registry the first time (tests/agents/install.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from llmspyd.discovery import boringssl
+from tests.agents import Agent, ensure_installed, pinned
+
+pytestmark = pytest.mark.e2e
+
+# bytes of each call bpftrace prints: its string limit (BPFTRACE_STRLEN) is at most 200 in 0.17
+SHOWN = 200
+AGENT_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def agents() -> dict[str, Agent]:
+    return {a.key: a for a in ensure_installed()}
+
+
+@pytest.fixture(scope="module")
+def found(agents: dict[str, Agent]) -> dict[str, boringssl.Analysis]:
+    return {k: boringssl.analyse(str(a.exe)) for k, a in agents.items()}
+
+
+KEYS = [a.key for a in pinned()]
+BUNS = [k for k in KEYS if k.startswith("bun-")]
+CLAUDES = [k for k in KEYS if k.startswith("claude-code-")]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_finder_locates_ssl_write_and_read(found: dict[str, boringssl.Analysis], key: str) -> None:
+    a = found[key]
+    print(f"{key}: {a.seconds:.2f}s, {a.sites} error sites in {a.functions} functions, {a.vaddrs}")
+    assert a.reason == ""
+    assert set(a.offsets) == {"SSL_write", "SSL_read"}
+
+
+# ---------------------------------------------------------------------------
+# the uprobe oracle
+
+
+def _need_bpftrace() -> str:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for uprobes")
+    bt = shutil.which("bpftrace")
+    if bt is None:
+        pytest.fail("bpftrace is not installed (packaging/build-deps.sh)")
+    return bt
+
+
+_LINE = re.compile(r"^(W|R) (\d+) (\d+) (-?\d+) (.*)$")
+
+
+def _unescape(s: str) -> bytes:
+    """bpftrace's %r: printable ASCII as is, everything else as \\xNN."""
+    out = bytearray()
+    i = 0
+    while i < len(s):
+        if s.startswith("\\x", i) and i + 4 <= len(s):
+            out.append(int(s[i + 2 : i + 4], 16))
+            i += 4
+        else:
+            out += s[i].encode("latin-1")
+            i += 1
+    return bytes(out)
+
+
+class Oracle:
+    """bpftrace with uprobes at the found offsets; collects (pid, ssl, len, first bytes) per call."""
+
+    def __init__(self, exe: Path, write_off: int, read_off: int) -> None:
+        bt = _need_bpftrace()
+        prog = (
+            f'uprobe:"{exe}":{write_off:#x} {{ printf("W %d %lu %d %r\\n", pid, arg0, (int32)arg2, buf(arg1, {SHOWN})); }}\n'
+            f'uprobe:"{exe}":{read_off:#x} {{ @buf[tid] = arg1; @ssl[tid] = arg0; }}\n'
+            f'uretprobe:"{exe}":{read_off:#x} /@buf[tid]/ {{\n'
+            f'  printf("R %d %lu %d %r\\n", pid, @ssl[tid], (int32)retval, buf(@buf[tid], {SHOWN}));\n'
+            "  delete(@buf[tid]); delete(@ssl[tid]); }\n"
+        )
+        env = dict(os.environ, BPFTRACE_STRLEN=str(SHOWN))
+        self.out = tempfile.NamedTemporaryFile("w+", prefix="oracle.", suffix=".txt")
+        # --unsafe: bpftrace refuses raw offsets in a stripped binary without it
+        self.proc = subprocess.Popen(
+            [bt, "--unsafe", "-e", prog], stdout=self.out, stderr=subprocess.STDOUT, env=env, text=True
+        )
+        deadline = time.monotonic() + 30
+        while "Attaching" not in Path(self.out.name).read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("bpftrace did not attach:\n" + Path(self.out.name).read_text())
+            time.sleep(0.1)
+        time.sleep(1.0)  # "Attaching" is printed just before the probes are live
+
+    def stop(self) -> dict[tuple[str, int, int], list[tuple[int, bytes]]]:
+        """(dir, pid, ssl) -> [(call length, first bytes)] in call order."""
+        time.sleep(0.5)
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        calls: dict[tuple[str, int, int], list[tuple[int, bytes]]] = defaultdict(list)
+        for line in Path(self.out.name).read_text(errors="replace").splitlines():
+            m = _LINE.match(line)
+            if m and int(m.group(4)) > 0:
+                n = int(m.group(4))
+                calls[(m.group(1), int(m.group(2)), int(m.group(3)))].append((n, _unescape(m.group(5))[: min(n, SHOWN)]))
+        self.out.close()
+        return calls
+
+
+def _matches(calls: list[tuple[int, bytes]], stream: bytes) -> bool:
+    """The calls, in order, are exactly `stream`: lengths add up and each call's first bytes sit at its offset."""
+    pos = 0
+    for n, head in calls:
+        if stream[pos : pos + len(head)] != head:
+            return False
+        pos += n
+    return pos == len(stream)
+
+
+def _check(calls, pid: int, tls_server, marker: bytes) -> tuple[int, int]:
+    """Every connection of `pid` the probes saw matches a server connection byte for byte, in both directions."""
+    conns = {c for (_d, p, c) in calls if p == pid}
+    assert conns, f"the probes saw no call of pid {pid}: {sorted(calls)[:5]}"
+    matched_w = matched_r = 0
+    records = tls_server.connections()
+    for ssl in conns:
+        w = calls.get(("W", pid, ssl), [])
+        r = calls.get(("R", pid, ssl), [])
+        rec = [x for x in records if w and _matches(w, bytes(x.received))]
+        assert rec, f"SSL_write calls on {ssl:#x} match no server connection: {w[:3]}"
+        matched_w += sum(n for n, _ in w)
+        # the reads are a prefix of what the server sent (the client may stop reading early)
+        sent = bytes(rec[0].sent)
+        pos = 0
+        for n, head in r:
+            assert sent[pos : pos + len(head)] == head, f"SSL_read bytes at {pos} differ from what the server sent"
+            pos += n
+        assert pos <= len(sent)
+        matched_r += pos
+    assert any(marker in bytes(x.received) for x in records)
+    return matched_w, matched_r
+
+
+@pytest.mark.parametrize("key", BUNS)
+def test_bun_fetch_seen_byte_exact_at_found_offsets(agents, found, tls_server, tls_env, key: str) -> None:
+    a, f = agents[key], found[key]
+    assert f.offsets, f.reason
+    oracle = Oracle(a.exe, f.offsets["SSL_write"][0], f.offsets["SSL_read"][0])
+    marker = f"/oracle-{key}".encode()
+    script = (
+        f"const r = await fetch('{tls_server.url}{marker.decode()}', {{headers: {{'x-oracle': '{key}'}}}});"
+        f"console.log(r.status, await r.text());"
+        f"const r2 = await fetch('{tls_server.url}/bytes/50000');"
+        f"console.log(r2.status, (await r2.arrayBuffer()).byteLength);"
+    )
+    try:
+        p = subprocess.run([str(a.exe), "-e", script], env=tls_env, capture_output=True, text=True, timeout=60)
+    finally:
+        calls = oracle.stop()
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["200", "ok", "200", "50000"]
+    w, r = _check(calls, _pid_of(calls, marker), tls_server, marker)
+    assert w > 0 and r >= 50000
+
+
+@pytest.mark.parametrize("key", CLAUDES)
+def test_claude_request_seen_byte_exact_at_found_offsets(agents, found, tls_server, tls_env, key, tmp_path) -> None:
+    a, f = agents[key], found[key]
+    assert f.offsets, f.reason
+    oracle = Oracle(a.exe, f.offsets["SSL_write"][0], f.offsets["SSL_read"][0])
+    env = dict(
+        tls_env,
+        HOME=str(tmp_path),
+        ANTHROPIC_BASE_URL=tls_server.url,
+        ANTHROPIC_API_KEY="sk-ant-dummy-oracle",
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        DISABLE_AUTOUPDATER="1",
+        DISABLE_TELEMETRY="1",
+    )
+    try:
+        # the server answers "ok", not an API reply: claude fails after its request, which is all we need
+        subprocess.run(
+            [str(a.exe), "-p", f"oracle {key}", "--max-turns", "1"],
+            env=env,
+            capture_output=True,
+            timeout=AGENT_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+            cwd=tmp_path,
+        )
+    finally:
+        calls = oracle.stop()
+    marker = f"oracle {key}".encode()
+    w, r = _check(calls, _pid_of(calls, b"/v1/messages"), tls_server, marker)
+    assert w > 1000 and r > 0
+
+
+def _pid_of(calls, marker: bytes) -> int:
+    pids = {p for (d, p, _c), v in calls.items() if d == "W" and any(marker in head for _n, head in v)}
+    assert len(pids) == 1, f"writes carrying {marker!r} came from pids {pids}"
+    return pids.pop()
