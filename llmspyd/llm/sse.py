@@ -57,6 +57,17 @@ class SseParser:
             if buf.startswith(_BOM):
                 buf = buf[3:]
         out: list[SseEvent] = []
+        if b"\r" not in buf:
+            # fast path: LF-only streams (every provider we know) need no regex
+            lines = buf.split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                self._line(line, ts_ns, out)
+            if len(rest) > MAX_LINE_BYTES:
+                self.cut_lines += 1
+                rest = b""
+            self._buf = rest
+            return out
         pos = 0
         n = len(buf)
         while pos < n:
@@ -92,6 +103,10 @@ class SseParser:
             self._event = ""
             self._data = []
             self._has_data = False
+            return
+        if raw[:6] == b"data: ":
+            self._data.append(raw[6:].decode("utf-8", "replace"))
+            self._has_data = True
             return
         if raw[0] == 0x3A:  # ':' comment, e.g. OpenRouter's ": OPENROUTER PROCESSING" keep-alives
             self.comments += 1
