@@ -50,5 +50,9 @@ test: bpf venv
 bench: bpf venv
 	$(VPY) -m bench
 
+# Debian package in dist/: apt install ./dist/llmspyd_*.deb && systemctl enable --now llmspyd
+deb: bpf
+	bash packaging/build-deb.sh
+
 clean:
 	rm -rf llmspyd/bpf/objects build dist .stamp *.egg-info

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from llmspyd import logging as llog
 from llmspyd.chunks import CaptureEvent, ProcessExec, ProcessExit, TlsChunk
-from llmspyd.process import read_process
+from llmspyd.process import ProcessInfo, read_process
 from llmspyd.scope import Scope
 from llmspyd.settings import ConfigError, Settings, load
 from llmspyd.sinks import Outputs, Redactor, make_sinks
@@ -74,7 +74,7 @@ class Capture:
 
     reader: Any  # start(), stop(), alive, last_poll_monotonic, counters
     probes: Any  # stats(), attached(), mute(pid, conn), set_pid_verdict(), set_cgroup_verdict(), close()
-    discovery: Any  # scan_all(), on_exec(pid), close()
+    discovery: Any  # scan_all(), on_event(exec/exit event), close(); optional: scope attribute, status()
     close: Callable[[], None] = lambda: None
 
 
@@ -159,6 +159,8 @@ class Daemon:
         self.pipeline = self.parts.pipeline(s, self._emit, self._mute)
         self._worker = threading.Thread(target=self._work, name="llmspy-worker", daemon=True)
         self._worker.start()
+        if hasattr(self.capture.discovery, "scope"):
+            self.capture.discovery.scope = self._in_scope
         self.capture.reader.start()
         self._apply_scope()
         n = self.capture.discovery.scan_all()
@@ -297,9 +299,11 @@ class Daemon:
             elif isinstance(ev, ProcessExec):
                 self._on_exec(ev)
                 if cap is not None:
-                    cap.discovery.on_exec(ev.pid)
+                    cap.discovery.on_event(ev)
             elif isinstance(ev, ProcessExit):
                 self.counters.pids.discard(ev.pid)
+                if cap is not None:
+                    cap.discovery.on_event(ev)
         if self._dump is not None:
             self._dump.flush()
         self.pipeline.feed(batch)
@@ -339,6 +343,10 @@ class Daemon:
             self.capture.probes.set_pid_verdict(pid, Verdict.TRACE if trace else Verdict.SKIP)  # type: ignore[union-attr]
         except Exception as e:
             log.debug("pid verdict failed", pid=pid, error=str(e))
+
+    def _in_scope(self, pid: int, exe: str, comm: str, uid: int, cgroup: str) -> bool:
+        """For discovery: is this process worth scanning? Reads self.scope each time, so a reload applies."""
+        return self.scope.matches(ProcessInfo(pid=pid, comm=comm, exe=exe, uid=uid, cgroup=cgroup))
 
     def _apply_scope(self) -> None:
         from llmspyd.bpf.abi import Verdict
@@ -441,6 +449,12 @@ class Daemon:
                 attached.append({"path": t.path, "stack": t.stack.name.lower(), "roles": list(att.roles), "how": t.how})
             reader = dict(cap.reader.counters)
         pipeline = dict(getattr(self.pipeline, "counters", {}) or {})
+        discovery: dict[str, Any] = {}
+        if cap is not None and hasattr(cap.discovery, "status"):
+            try:
+                discovery = cap.discovery.status()
+            except Exception as e:
+                log.debug("discovery status failed", error=str(e))
         losses = {
             k: bpf.get(k, 0) for k in ("lost_records", "lost_bytes", "lost_events", "truncated_calls", "truncated_bytes")
         }
@@ -459,6 +473,7 @@ class Daemon:
             "scope": self.settings.trace.scope,
             "processes_traced": len(self.counters.pids),
             "probes": attached,
+            "discovery": discovery,
             "exchanges": self.counters.exchanges,
             "sinks": {s.name: {"errors": out.errors.get(s.name, 0)} for s in out.sinks} if out else {},
             "bpf": bpf,
@@ -552,6 +567,7 @@ def real_capture(settings: Settings, sink: Callable[[list[CaptureEvent]], None])
     from llmspyd.bpf.loader import ObjectSet, objects_dir
     from llmspyd.bpf.probes import ProbeManager
     from llmspyd.capture.reader import RingReader
+    from llmspyd.discovery.execwatch import ExecWatcher
 
     # process.bpf.o first: the first object to declare a shared map owns it
     paths = sorted(objects_dir().glob("*.bpf.o"), key=lambda p: (p.name != "process.bpf.o", p.name))
@@ -573,7 +589,7 @@ def real_capture(settings: Settings, sink: Callable[[list[CaptureEvent]], None])
     try:
         probes = ProbeManager(objects)
         probes.attach_global()
-        discovery = _discovery(probes)
+        discovery = ExecWatcher.for_probes(probes)
         reader = RingReader(objects.map("rb"), sink, poll_ms=settings.capture.poll_ms)
     except BaseException:
         objects.close()
@@ -581,22 +597,19 @@ def real_capture(settings: Settings, sink: Callable[[list[CaptureEvent]], None])
     return Capture(reader=reader, probes=probes, discovery=discovery, close=objects.close)
 
 
-def _discovery(probes: Any) -> Any:
-    """The discovery scanner (issue 5) when present, else the first OpenSSL scanner of the capture core."""
-    try:
-        from llmspyd.discovery.scanner import Scanner  # type: ignore[attr-defined]
-
-        return Scanner(probes)
-    except ImportError:
-        from llmspyd.bpf.probes import OpenSslScanner
-
-        return OpenSslScanner(probes)
-
-
 def real_pipeline(settings: Settings, emit: Callable[[Any], None], mute: Callable[[Any], None]) -> Any:
-    from llmspyd.pipeline import Pipeline
+    from llmspyd.llm.assembler import ExchangeAssembler, Limits
+    from llmspyd.pipeline import Pipeline, PipelineLimits
 
-    return Pipeline(emit=emit, mute=mute)
+    lim = settings.limits
+    body_limits = Limits(max_raw_request_bytes=lim.max_body_bytes, max_raw_response_bytes=lim.max_body_bytes)
+    return Pipeline(
+        emit=emit,
+        mute=mute,
+        assembler_factory=lambda ctx: ExchangeAssembler(ctx, limits=body_limits),
+        process_lookup=read_process,
+        limits=PipelineLimits(max_connections=lim.max_connections),
+    )
 
 
 def real_parts() -> Parts:

@@ -77,8 +77,9 @@ class FakeDiscovery:
         self.log.events.append("scan_all")
         return 1
 
-    def on_exec(self, pid: int) -> None:
-        self.execs.append(pid)
+    def on_event(self, ev: Any) -> None:
+        if isinstance(ev, ProcessExec):
+            self.execs.append(ev.pid)
 
     def close(self) -> None:
         pass
