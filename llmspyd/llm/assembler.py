@@ -202,7 +202,9 @@ class ExchangeAssembler:
         self._first_seen = True
         det = providers.detect_head(ev.method, ev.target, ev.authority, ev.headers)
         if det is None:
-            self._drop(ev.msg, first)
+            # GET /v1/models and friends on an LLM API connection: the next request may well be a model call
+            keep = providers.is_llm_host(ev.authority) or providers.is_llm_metadata(ev.target)
+            self._drop(ev.msg, first and not keep)
             return
         if det.confident and self._wants is None:
             self._wants = True

@@ -252,3 +252,15 @@ def test_recorded_streams_with_garbage_spliced_in_never_raise(data: st.DataObjec
         evs[i] = type(evs[i])(evs[i].msg, evs[i].ts_ns, data.draw(st.binary(max_size=64)))
     recs = replay(evs)
     assert len(recs) <= 1
+
+
+@pytest.mark.parametrize("authority,target", [("api.openai.com", "/v1/models"), ("gpu-box:8000", "/v1/models"),
+                                              ("localhost:11434", "/api/tags")])
+def test_model_listing_first_does_not_mute_the_connection(authority: str, target: str) -> None:
+    """SDKs list models on the connection they then use for the model call."""
+    a = asm()
+    assert run(a, exchange(target, authority, b"", method="GET", rbody=b'{"data": []}')) == []
+    assert a.wants_connection() is not False and a.stats["non_llm_requests"] == 1
+    recs = run(a, exchange("/v1/chat/completions", authority, CHAT, msg=2, rbody=json.dumps(
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}]}).encode()))
+    assert recs[0].response.text == "hello" and a.wants_connection() is True

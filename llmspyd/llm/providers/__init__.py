@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmspyd.llm.providers import anthropic, bedrock, gemini, generic, ollama, openai
-from llmspyd.llm.providers.base import ApiFormat, d, s
+from llmspyd.llm.providers.base import ApiFormat, d
 
 # Provider of well-known API hosts. Matched on the host name's end, so regional hosts match too.
 HOST_PROVIDERS: tuple[tuple[str, str], ...] = (
@@ -91,6 +91,20 @@ def _host_provider(authority: str) -> str | None:
     if port == OLLAMA_PORT:
         return "ollama"
     return None
+
+
+def is_llm_host(authority: str) -> bool:
+    return _host_provider(authority) is not None
+
+
+# GET paths of LLM servers that are not model calls (model lists, health): seen first on a
+# connection, they must not get it muted before the model call that follows.
+_METADATA_SUFFIXES = ("/models", "/api/tags", "/api/version", "/api/ps", "/api/show", "/health", "/v1/models/info")
+
+
+def is_llm_metadata(target: str) -> bool:
+    path = target.partition("?")[0].rstrip("/").lower()
+    return path.endswith(_METADATA_SUFFIXES) or "/models/" in path
 
 
 def split_authority(authority: str) -> tuple[str, int | None]:
@@ -216,4 +230,4 @@ def refine_provider(provider: str, response_headers: list[tuple[str, str]]) -> s
     return provider
 
 
-__all__ = ["Detection", "detect_head", "detect_body", "refine_provider", "split_authority", "s"]
+__all__ = ["Detection", "detect_body", "detect_head", "is_llm_host", "is_llm_metadata", "refine_provider", "split_authority"]
