@@ -66,7 +66,13 @@ CACHE_ENV = "LLMSPY_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/var/cache/llmspyd"
 CACHE_FILE = "boringssl.json"
 # bump when the analysis changes, so old cached verdicts are not reused
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
+# rustls' crate path in panic locations ("…/rustls-0.23.46/src/…"): a rustls build whatever its version
+RUSTLS_MARK = b"/rustls-0."
+RUSTLS_REASON = (
+    "rustls (Rust, static, no TLS symbols): its plaintext functions are generic Rust code inlined per build,"
+    " with no stable fingerprint yet; not covered"
+)
 
 
 @dataclass(slots=True)
@@ -84,6 +90,7 @@ class Analysis:
     offsets: dict[str, list[int]] = field(default_factory=dict)
     reason: str = ""
     boringssl: bool = True
+    rustls: bool = False  # no BoringSSL, but a Rust program with rustls compiled in
     seconds: float = 0.0
     vaddrs: dict[str, int] = field(default_factory=dict)
     sites: int = 0  # error sites that reference ssl_lib.cc
@@ -107,8 +114,16 @@ def boringssl_target(path: str, dev: int, ino: int) -> Target | Uncovered | None
             a = analyse(path)
         except (OSError, ValueError) as e:
             a = Analysis(reason=f"cannot analyse: {e}", boringssl=False)
-        cached = {"boringssl": a.boringssl, "offsets": a.offsets, "reason": a.reason, "seconds": round(a.seconds, 3)}
+        cached = {
+            "boringssl": a.boringssl,
+            "rustls": a.rustls,
+            "offsets": a.offsets,
+            "reason": a.reason,
+            "seconds": round(a.seconds, 3),
+        }
         _cache_put(key, cached)
+    if cached.get("rustls"):
+        return Uncovered(path=path, dev=dev, ino=ino, stack=Stack.RUSTLS, reason=RUSTLS_REASON)
     if not cached["boringssl"]:
         return None
     if cached["offsets"]:
@@ -133,7 +148,7 @@ def analyse(path: str) -> Analysis:
 def _analyse(img: Image) -> Analysis:
     strings = find_file_strings(img)
     if not strings:
-        return Analysis(boringssl=False, reason="no ssl_lib.cc")
+        return Analysis(boringssl=False, rustls=_has_rustls(img), reason="no ssl_lib.cc")
     refs: list[int] = []
     for s in strings:
         refs += [va for va, _ in x86code.find_rel32_refs(img, (s, s + 1), LEA_RIP)]
@@ -170,6 +185,13 @@ def _analyse(img: Image) -> Analysis:
         a.offsets[role] = [off]
         a.vaddrs[role] = va
     return a
+
+
+def _has_rustls(img: Image) -> bool:
+    for seg in img.segments:
+        if not seg.flags & x86code.PF_X and img.data.find(RUSTLS_MARK, seg.offset, seg.offset + seg.filesz) != -1:
+            return True
+    return False
 
 
 def find_file_strings(img: Image) -> list[int]:

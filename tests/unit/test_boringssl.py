@@ -156,3 +156,19 @@ def test_unwritable_cache_still_answers(tmp_path: Path, monkeypatch: pytest.Monk
     f.write_bytes(b"\x7fELF" + b"\0" * 60)
     st = os.stat(f)
     assert boringssl.boringssl_target(str(f), st.st_dev, st.st_ino) is None
+
+
+@needs_clang
+def test_rust_program_with_rustls_is_uncovered_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Codex-like: rustls compiled in (its crate path in panic locations), no BoringSSL: Uncovered, stack RUSTLS."""
+    monkeypatch.setenv(boringssl.CACHE_ENV, str(tmp_path / "cache"))
+    src = tmp_path / "r.c"
+    src.write_text(
+        '#include <stdio.h>\nconst char *loc = "/root/.cargo/registry/src/index.crates.io-1/rustls-0.23.46/src/conn.rs";\n'
+        "int main(void) { puts(loc); return 0; }\n"
+    )
+    exe = tmp_path / "r"
+    subprocess.run(["clang", "-O2", "-o", str(exe), str(src)], check=True)
+    st = os.stat(exe)
+    t = boringssl.boringssl_target(str(exe), st.st_dev, st.st_ino)
+    assert isinstance(t, Uncovered) and t.stack == Stack.RUSTLS and "rustls" in t.reason
