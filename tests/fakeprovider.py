@@ -28,6 +28,8 @@ import base64
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -647,10 +649,24 @@ class FakeProvider:
         self.stop()
 
 
+def start_subprocess(certfile: str | Path, keyfile: str | Path, port: int = 0,
+                     timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
+    """Run the fake provider in its own process (e.g. to trace it, or keep it out of pytest's GIL)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakeprovider", str(certfile), str(keyfile), str(port)],
+                            cwd=root, stdout=subprocess.PIPE, text=True)
+    ready: list[str] = []
+    t = threading.Thread(target=lambda: ready.append(proc.stdout.readline().strip()), daemon=True)  # type: ignore[union-attr]
+    t.start()
+    t.join(timeout)
+    if not ready or not ready[0].startswith("https://"):
+        proc.kill()
+        raise RuntimeError(f"fake provider subprocess did not start: {ready}")
+    return proc, ready[0]
+
+
 def main() -> None:
     """python -m tests.fakeprovider CERT KEY [PORT]: serve in the foreground (for manual tests and subprocesses)."""
-    import sys
-
     fp = FakeProvider(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0).start()
     print(fp.url, flush=True)
     try:
