@@ -51,6 +51,13 @@ RESYNC_REQUEST = re.compile(
 )
 RESYNC_RESPONSE = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: [^\r\n]*)?\r?\n")
 
+_METHODS = (b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS", b"CONNECT", b"TRACE")
+# what a request start may look like before its whole line is there: a method and a
+# space, or the beginning of a method at the end of the data so far
+_METHOD_PREFIX = re.compile(
+    b"|".join([m + b" " for m in _METHODS] + sorted({m[:i] + rb"\Z" for m in _METHODS for i in range(1, len(m) + 1)}))
+)
+
 # reader states
 _START, _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _TUNNEL, _RESYNC, _HOLD = range(11)
 
@@ -106,7 +113,7 @@ def _chunked(headers: Headers) -> bool | None:
 class _Reader:
     """One direction's framing state."""
 
-    __slots__ = ("is_request", "buf", "state", "msg", "remaining", "head_ts", "scan", "trailers")
+    __slots__ = ("is_request", "buf", "state", "msg", "remaining", "head_ts", "scan", "trailers", "lost_gap")
 
     def __init__(self, is_request: bool) -> None:
         self.is_request = is_request
@@ -117,6 +124,9 @@ class _Reader:
         self.head_ts = 0
         self.scan = 0  # where to resume the search for the end of the head
         self.trailers: Headers = []
+        # bytes of a gap that fell between messages: if re-synchronising then skips
+        # data, that data was the rest of a request whose start the gap took
+        self.lost_gap = 0
 
     @property
     def mid_message(self) -> bool:
@@ -175,6 +185,7 @@ class Http1Connection:
             r.buf.clear()
             r.state = _RESYNC
             return self._drain()
+        idle = r.state in (_START, _RESYNC) and not r.buf
         if r.is_request:
             if r.state == _HEAD or (r.state == _START and r.buf):
                 # the head was cut: a request existed (a response will come for it) but is unreadable
@@ -193,6 +204,8 @@ class Http1Connection:
             # responses may have been lost whole: match the next one by time, not FIFO
             self._resp_after_gap = True
         self._enter_resync(r)
+        if idle and r.is_request:
+            r.lost_gap = missing
         return self._drain()
 
     def close(self, ts_ns: int) -> list[HttpEvent]:
@@ -223,6 +236,7 @@ class Http1Connection:
         return msg
 
     def _enter_resync(self, r: _Reader) -> None:
+        r.lost_gap = 0
         r.buf.clear()
         r.state = _RESYNC
         r.msg = None
@@ -247,6 +261,13 @@ class Http1Connection:
             return pending.popleft()
         if not pending or pending[0].req_ts > ts_ns:
             # a response cannot precede its request: that request was never seen
+            lost = self._req.lost_gap
+            if lost:
+                # ... because a gap on the write side took it whole: the exchange existed, say so
+                self._req.lost_gap = 0
+                msg = self._new_msg(ts_ns)
+                msg.break_(ts_ns, "gap", "request lost in a capture gap", lost)
+                return msg
             self.counters["orphan_responses"] += 1
             return None
         return pending.popleft()
@@ -382,14 +403,20 @@ class Http1Connection:
         if st == _RESYNC:
             pat = RESYNC_REQUEST if r.is_request else RESYNC_RESPONSE
             m = pat.search(buf)
+            skip = m.start() if m is not None else max(0, len(buf) - RESYNC_KEEP)
+            if r.lost_gap and buf and (skip or not _METHOD_PREFIX.match(buf)):
+                # the bytes after the gap are not a request start: the gap took the start of a
+                # request. Account for it now, before its response comes, so matching stays right.
+                msg = self._new_msg(ts)
+                self._pending.append(msg)
+                msg.break_(ts, "gap", "request start lost in a capture gap", r.lost_gap)
+                r.lost_gap = 0
+            if skip:
+                self.counters["resync_skipped_bytes"] += skip
+                del buf[:skip]
             if m is None:
-                if len(buf) > RESYNC_KEEP:
-                    cut = len(buf) - RESYNC_KEEP
-                    self.counters["resync_skipped_bytes"] += cut
-                    del buf[:cut]
                 return False
-            self.counters["resync_skipped_bytes"] += m.start()
-            del buf[: m.start()]
+            r.lost_gap = 0
             r.state = _START
             return True
         if st == _HOLD:

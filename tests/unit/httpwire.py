@@ -209,3 +209,31 @@ class H2Pair:
         if trailers:
             self.server.send_headers(sid, trailers, end_stream=True)
             self.flush()
+
+
+_ALLOWED_AFTER = {
+    # event kind -> stages it may follow (-1: nothing yet for this msg)
+    "RequestHead": {-1},
+    "RequestData": {0, 1},
+    "RequestEnd": {0, 1},
+    "ResponseHead": {2},
+    "ResponseData": {3, 4},
+    "ResponseEnd": {3, 4},
+}
+_STAGE = {"RequestHead": 0, "RequestData": 1, "RequestEnd": 2, "ResponseHead": 3, "ResponseData": 4, "ResponseEnd": 5}
+
+
+def check_contract(events: list) -> None:
+    """The per-msg order promised in protocols/events.py holds, and nothing follows an end."""
+    stage: dict[int, int] = {}
+    for ev in events:
+        kind = type(ev).__name__
+        if kind == "ConnectionInfo":
+            continue
+        prev = stage.get(ev.msg, -1)
+        assert prev not in (5, 6), f"{kind} after the end of msg {ev.msg}"
+        if kind == "MessageBroken":
+            stage[ev.msg] = 6
+            continue
+        assert prev in _ALLOWED_AFTER[kind], f"{kind} after stage {prev} in msg {ev.msg}"
+        stage[ev.msg] = _STAGE[kind]
