@@ -252,10 +252,20 @@ def test_response_lost_whole_in_a_gap_does_not_shift_matching():
     assert body(ev, 2, ResponseData) == b"r2"
 
 
-def test_request_lost_whole_in_a_gap_makes_its_response_an_orphan():
+def test_request_lost_whole_in_a_gap_is_accounted_and_its_response_skipped():
     conn = Http1Connection()
     ev = conn.gap(W, 300, 1)
     ev += conn.receive(R, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nr1", 2)
+    ev += conn.receive(W, b"GET /2 HTTP/1.1\r\n\r\n", 3)
+    ev += conn.receive(R, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nr2", 4)
+    assert [(e.msg, e.reason, e.missing_bytes) for e in ev if isinstance(e, MessageBroken)] == [(1, "gap", 300)]
+    assert kinds(ev, 2) == ["RequestHead", "RequestEnd", "ResponseHead", "ResponseData", "ResponseEnd"]
+    assert body(ev, 2, ResponseData) == b"r2" and conn.counters["orphan_responses"] == 0
+
+
+def test_response_without_any_request_is_an_orphan():
+    conn = Http1Connection()
+    ev = conn.receive(R, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nr1", 2)
     ev += conn.receive(W, b"GET /2 HTTP/1.1\r\n\r\n", 3)
     ev += conn.receive(R, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nr2", 4)
     assert conn.counters["orphan_responses"] == 1
