@@ -18,8 +18,11 @@ is a new file, probed when a process maps it or resolves it, and also found
 by the periodic sweep, which checks that each probed path still names the
 probed inode.
 
-All work happens on one worker thread: `on_event`/`on_exec` only enqueue, so
-the pipeline thread that calls them never waits for an attach.
+All work happens on worker threads: `on_event`/`on_exec` only enqueue, so
+the pipeline thread that calls them never waits for an attach. Exec-time work
+runs on one thread and never waits for a slow analysis (a stripped BoringSSL
+fingerprint takes seconds on a 245 MB binary): those go to a second thread,
+and their probes are attached when they are done.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import heapq
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -104,6 +108,9 @@ class ExecWatcher:
         self._queue: list[tuple[float, int, str, int]] = []  # (due, seq, kind, pid)
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        self._slow_thread: threading.Thread | None = None
+        self._slow: queue.Queue[tuple[int, procmaps.OpenedFile] | None] = queue.Queue()
+        self._slow_pending: dict[tuple[int, int], list[int]] = {}  # file key -> pids waiting for its verdict
         self._stop = False
         self.counters = {"execs": 0, "exits": 0, "scans": 0, "attached": 0, "attach_failed": 0, "predicted": 0,
                          "replaced": 0, "out_of_scope": 0}
@@ -137,13 +144,31 @@ class ExecWatcher:
 
     # ---- synchronous entry points ------------------------------------------------------------------------------
     def scan_all(self) -> int:
-        """Scan every live process now (daemon start); returns how many files are probed. Starts the worker."""
+        """Probe the system's TLS libraries and scan every live process (daemon start); returns how many files
+        are probed. Starts the worker."""
+        self.probe_system_libraries()
         for name in os.listdir("/proc"):
             if name.isdigit():
                 self._scan(int(name), predict=False)
         self.start()
         with self._lock:
             return len(self._st.attached)
+
+    def probe_system_libraries(self) -> int:
+        """The daemon's own root's TLS libraries (DLOPEN_LIKELY via ld.so.cache): probed before any client
+        runs, so the first request of a process started right after the daemon needs no exec-time attach."""
+        me = os.getpid()
+        resolver = ldso.Resolver(me, self._ld, ldso.elf_ident("/proc/self/exe"))
+        n = 0
+        for name in DLOPEN_LIKELY:
+            found = resolver.resolve(name, "/", [], [])
+            lib = procmaps.open_in_root(me, found) if found else None
+            if lib is None:
+                continue
+            v, _ = self.scanner.analyse(lib)
+            if v.target is not None:
+                n += self._ensure(me, replace(v.target, path=lib.path, dev=lib.dev, ino=lib.ino), found or "")
+        return n
 
     def scan_pid(self, pid: int) -> ProcessCoverage | None:
         self._scan(pid, predict=False)
@@ -156,19 +181,63 @@ class ExecWatcher:
                 return
             self._thread = threading.Thread(target=self._run, name="llmspy-discovery", daemon=True)
             self._thread.start()
+            self._slow_thread = threading.Thread(target=self._run_slow, name="llmspy-discovery-slow", daemon=True)
+            self._slow_thread.start()
 
     def close(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify()
-            t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=5)
+            threads = (self._thread, self._slow_thread)
+        self._slow.put(None)
+        for t in threads:
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=5)
 
     def idle(self) -> bool:
-        """No work due now (for tests: wait until the exec work is done)."""
+        """No work due now (for tests and the bench: wait until the exec work is done)."""
         with self._cond:
-            return not self._queue or self._queue[0][0] > time.monotonic()
+            fast_idle = not self._queue or self._queue[0][0] > time.monotonic()
+        with self._lock:
+            return fast_idle and not self._slow_pending
+
+    def _run_slow(self) -> None:
+        while True:
+            item = self._slow.get()
+            if item is None:
+                return
+            pid, opened = item
+            try:
+                self._slow_one(pid, opened)
+            except Exception:
+                log.exception("slow analysis of %s failed", opened.path)
+            finally:
+                with self._lock:
+                    self._slow_pending.pop(opened.key, None)
+
+    def _slow_one(self, pid: int, opened: procmaps.OpenedFile) -> None:
+        v, _ = self.scanner.analyse(opened, heavy=True)
+        target = replace(v.target, path=opened.path) if v.target is not None else None
+        with self._lock:
+            pids = list(self._slow_pending.get(opened.key, [pid]))
+            for p in pids:
+                cov = self._st.coverage.get(p)
+                if cov is not None:
+                    cov.merge(v, target)
+                    cov.seen.add(opened.key)
+        if target is not None:
+            self._ensure(pid, target, _ns_path_of(pid, target))
+
+    def _defer(self, pid: int, files: list[procmaps.OpenedFile]) -> None:
+        for f in files:
+            with self._lock:
+                waiting = self._slow_pending.get(f.key)
+                if waiting is not None:
+                    if pid not in waiting:
+                        waiting.append(pid)
+                    continue
+                self._slow_pending[f.key] = [pid]
+            self._slow.put((pid, f))
 
     # ---- worker ------------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -242,9 +311,11 @@ class ExecWatcher:
         self.counters["scans"] += 1
         with self._lock:
             prev = self._st.coverage.get(pid)
-        cov = self.scanner.scan_process(pid, prev)
+        cov = self.scanner.scan_process(pid, prev, heavy=False)
         if cov is None:
             return
+        if cov.deferred:
+            self._defer(pid, cov.deferred)
         with self._lock:
             self._st.coverage[pid] = cov
         for t in list(cov.targets.values()):
@@ -264,7 +335,9 @@ class ExecWatcher:
         verdicts: dict[tuple[int, int], FileVerdict] = {}
 
         def dynamic_info(f: procmaps.OpenedFile) -> tuple[list[str], list[str], list[str]] | None:
-            v, _ = self.scanner.analyse(f)
+            v, _ = self.scanner.analyse(f, heavy=False)
+            if v.deferred:
+                self._defer(pid, [f])
             verdicts[f.key] = v
             return (v.needed, v.rpath, v.runpath) if v.is_dynamic else None
 
@@ -279,7 +352,7 @@ class ExecWatcher:
                     known.add(lib.key)
                     libs.append((found, lib))  # type: ignore[arg-type]
         for ns_path, lib in libs:
-            v = verdicts.get(lib.key) or self.scanner.analyse(lib)[0]
+            v = verdicts.get(lib.key) or self.scanner.analyse(lib, heavy=False)[0]
             if v.target is None and v.uncovered is None:
                 continue
             target = replace(v.target, path=lib.path, dev=lib.dev, ino=lib.ino) if v.target else None
@@ -344,19 +417,27 @@ class ExecWatcher:
             atts = list(self._st.attached.values())
         n = 0
         for att in atts:
-            if not att.ns_path or not os.path.exists(f"/proc/{att.pid}"):
+            pid = att.pid
+            if not os.path.exists(f"/proc/{pid}"):
+                if att.target.path.startswith("/proc/"):
+                    continue  # only that (gone) process's namespace knew the path
+                pid = os.getpid()  # a host path: look from here
+            if not att.ns_path:
                 continue
-            now = procmaps.open_in_root(att.pid, att.ns_path)
+            now = procmaps.open_in_root(pid, att.ns_path)
             if now is None or now.key == att.target.key:
                 continue
             with self._lock:
                 known = now.key in self._st.attached
             if known:
                 continue
-            v, _ = self.scanner.analyse(now)
+            v, _ = self.scanner.analyse(now, heavy=False)
+            if v.deferred:
+                self._defer(pid, [now])
+                continue
             if v.target is not None:
                 t = replace(v.target, path=now.path, dev=now.dev, ino=now.ino)
-                if self._ensure(att.pid, t, att.ns_path):
+                if self._ensure(pid, t, att.ns_path):
                     self.counters["replaced"] += 1
                     n += 1
         return n
@@ -395,6 +476,8 @@ class ExecWatcher:
 
 
 def _ns_path_of(pid: int, t: Target) -> str:
-    """The path inside the process's namespace of a target opened through /proc/PID/root (else "")."""
+    """The path of a target inside the process's namespace ("" for map_files paths)."""
     prefix = f"/proc/{pid}/root"
-    return t.path[len(prefix):] if t.path.startswith(prefix + "/") else ""
+    if t.path.startswith(prefix + "/"):
+        return t.path[len(prefix):]
+    return "" if t.path.startswith("/proc/") else t.path  # a host path is the same in both namespaces

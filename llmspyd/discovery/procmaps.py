@@ -184,6 +184,11 @@ def _opened(path: str, dev: int, ino: int, via: str, *, any_dev: bool = False) -
 def open_mapped(pid: int, mf: MappedFile) -> OpenedFile | None:
     """A verified path to the inode `mf` names, or None when the process is gone."""
     if not mf.deleted:
+        # the daemon's own view first: when it names the same inode (no container), that path outlives the
+        # process, so an attach that happens after a short-lived process exits still finds the file
+        hit = _opened(mf.path, mf.dev, mf.ino, "host")
+        if hit:
+            return hit
         hit = _opened(root_path(pid, mf.path), mf.dev, mf.ino, "root")
         if hit:
             return hit
@@ -211,6 +216,13 @@ def open_in_root(pid: int, path: str) -> OpenedFile | None:
         st = os.stat(full)
     except OSError:
         return None
+    via = "root"
+    try:
+        host = os.stat(path)
+        if (host.st_dev, host.st_ino) == (st.st_dev, st.st_ino):
+            full, via = path, "host"  # same file in the daemon's namespace: a path that outlives the process
+    except OSError:
+        pass
     if not stat.S_ISREG(st.st_mode):
         return None
     dev, ino = st.st_dev, st.st_ino
@@ -221,7 +233,7 @@ def open_in_root(pid: int, path: str) -> OpenedFile | None:
         if real is None:
             return None
         dev, ino = real
-    return OpenedFile(path=full, dev=dev, ino=ino, size=st.st_size, mtime_ns=st.st_mtime_ns, via="root")
+    return OpenedFile(path=full, dev=dev, ino=ino, size=st.st_size, mtime_ns=st.st_mtime_ns, via=via)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

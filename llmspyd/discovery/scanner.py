@@ -67,6 +67,7 @@ class FileVerdict:
     is_dynamic: bool = False
     scan_s: float = 0.0
     note: str = ""  # why nothing was found, for debugging ("not ELF", ...)
+    deferred: bool = False  # a slow analysis (analyse(heavy=False)) was left for later: not a verdict, not cached
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class ProcessCoverage:
     targets: dict[tuple[int, int], Target] = field(default_factory=dict)
     uncovered: dict[tuple[int, int], Uncovered] = field(default_factory=dict)
     new_targets: list[Target] = field(default_factory=list)  # targets of files first analysed by this scan
+    deferred: list[procmaps.OpenedFile] = field(default_factory=list)  # slow analyses left for later by this scan
     seen: set[tuple[int, int]] = field(default_factory=set)  # files already considered for this pid
     scanned_at: float = 0.0
 
@@ -150,8 +152,11 @@ class Scanner:
         with self._lock:
             return self._cache.get((f.dev, f.ino, f.size, f.mtime_ns))
 
-    def analyse(self, f: procmaps.OpenedFile) -> tuple[FileVerdict, bool]:
-        """The verdict for an opened file, and whether it was analysed just now (not from the cache)."""
+    def analyse(self, f: procmaps.OpenedFile, *, heavy: bool = True) -> tuple[FileVerdict, bool]:
+        """The verdict for an opened file, and whether it was analysed just now (not from the cache).
+
+        heavy=False stops before the slow finders (stripped BoringSSL: seconds on a 245 MB binary) and returns
+        a `deferred` verdict instead, so that an exec-time scan never waits for them."""
         ckey = (f.dev, f.ino, f.size, f.mtime_ns)
         with self._lock:
             hit = self._cache.get(ckey)
@@ -159,12 +164,14 @@ class Scanner:
             return hit, False
         t0 = time.perf_counter()
         try:
-            v = self._analyse(f)
+            v = self._analyse(f, heavy)
         except Exception as e:  # a malformed file must never stop discovery of the others
             log.warning("analysis of %s failed: %s", f.path, e, exc_info=log.isEnabledFor(logging.DEBUG))
             v = FileVerdict(key=f.key, path=f.path, note=f"analysis failed: {e}")
             self.counters["analysis_errors"] += 1
         v.scan_s = time.perf_counter() - t0
+        if v.deferred:
+            return v, True
         with self._lock:
             if len(self._cache) >= MAX_CACHED_FILES:
                 self._cache.pop(next(iter(self._cache)))
@@ -175,7 +182,7 @@ class Scanner:
             log.debug("%s: %s in %.1f ms", f.path, v.stack.name, v.scan_s * 1e3)
         return v, True
 
-    def _analyse(self, f: procmaps.OpenedFile) -> FileVerdict:
+    def _analyse(self, f: procmaps.OpenedFile, heavy: bool = True) -> FileVerdict:
         v = FileVerdict(key=f.key, path=f.path)
         try:
             img = open_elf(f.path)
@@ -189,10 +196,10 @@ class Scanner:
             dyn = img.dynamic()
             v.needed, v.rpath, v.runpath = dyn["needed"], dyn["rpath"], dyn["runpath"]
             v.is_dynamic = img.has_section(".dynamic") or bool(v.needed)
-            self._decide(img, f, v)
+            self._decide(img, f, v, heavy)
         return v
 
-    def _decide(self, img: ElfImage, f: procmaps.OpenedFile, v: FileVerdict) -> None:
+    def _decide(self, img: ElfImage, f: procmaps.OpenedFile, v: FileVerdict, heavy: bool = True) -> None:
         exported = img.lookup(OPENSSL_FUNCS + GNUTLS_FUNCS + BORINGSSL_ONLY, tables=(".dynsym",))
         if _has_rw(exported, "SSL"):
             stack = Stack.BORINGSSL if any(n in exported for n in BORINGSSL_ONLY) else Stack.OPENSSL
@@ -222,6 +229,9 @@ class Scanner:
             return
         if img.contains(BORINGSSL_MARK, rodata):
             v.stack = Stack.BORINGSSL
+            if not heavy and self.boring_finder is not None:
+                v.deferred = True
+                return
             if self._delegate(self.boring_finder, "stripped BoringSSL", v, f, (f.path, f.dev, f.ino)):
                 return
             if v.target or v.uncovered:
@@ -255,7 +265,8 @@ class Scanner:
         return False
 
     # ---- processes ---------------------------------------------------------------------------------------
-    def scan_process(self, pid: int, previous: ProcessCoverage | None = None) -> ProcessCoverage | None:
+    def scan_process(self, pid: int, previous: ProcessCoverage | None = None, *,
+                     heavy: bool = True) -> ProcessCoverage | None:
         """Coverage of a live process from its maps; None when it is gone (or is the daemon itself).
 
         With `previous`, files already considered for this pid are skipped and the result extends it."""
@@ -266,6 +277,7 @@ class Scanner:
             return None
         cov = previous or ProcessCoverage(pid=pid)
         cov.new_targets = []
+        cov.deferred = []
         if not cov.comm:
             cov.comm = _read_comm(pid)
             cov.container = _read_container(pid)
@@ -276,8 +288,11 @@ class Scanner:
             opened = procmaps.open_mapped(pid, mf)
             if opened is None:
                 continue  # gone meanwhile; a later scan retries
+            v, fresh = self.analyse(opened, heavy=heavy)
+            if v.deferred:
+                cov.deferred.append(opened)
+                continue  # not seen: the next scan asks again, by then maybe from the cache
             cov.seen.add(mf.key)
-            v, fresh = self.analyse(opened)
             target = None
             if v.target is not None:
                 # this process's path (the cached one may belong to a process gone since), keyed as maps says

@@ -238,3 +238,42 @@ def test_sweep_drops_dead_pids_and_finds_missed_processes(rec: Recorder) -> None
         assert wait_for(lambda: p.pid not in w.coverage())
     finally:
         w.close()
+
+
+def test_slow_analysis_never_delays_exec_work(tmp_path: Path, rec: Recorder) -> None:
+    """A stripped-BoringSSL candidate takes its finder seconds: meanwhile a new process is still probed at once."""
+    src = ('#include <stdio.h>\n#include <unistd.h>\nconst char *f = "../../ssl/ssl_lib.cc";\n'
+           'int main(void){puts(f);fflush(stdout);for(;;)pause();}\n')
+    slow_bin = bins.cc_build(tmp_path, "boring-like", src, [])
+    release = threading.Event()
+
+    def slow_finder(path, dev, ino):  # type: ignore[no-untyped-def]
+        release.wait(10)
+        return Target(path, dev, ino, Stack.BORINGSSL, {"SSL_write": [0x1000]}, how="fingerprint")
+
+    w = ExecWatcher(rec, scanner=Scanner(boring_finder=slow_finder, load_optional=False), rescan_delays=FAST,
+                    sweep_interval_s=3600)
+    slow = subprocess.Popen([slow_bin], stdout=subprocess.PIPE)
+    lib = tmp_path / "libother.so"
+    shutil.copy(LIBSSL, lib)
+    fast = None
+    try:
+        assert slow.stdout is not None and slow.stdout.readline()
+        w.on_exec(slow.pid)
+        time.sleep(0.1)  # the finder is now blocked on the slow thread
+        code = "import ctypes, sys, time; ctypes.CDLL(sys.argv[1]); print('r', flush=True); time.sleep(30)"
+        fast = subprocess.Popen([sys.executable, "-c", code, str(lib)], stdout=subprocess.PIPE)
+        assert fast.stdout is not None and fast.stdout.readline()
+        w.on_exec(fast.pid)
+        assert wait_for(lambda: key_of(str(lib)) in rec.keys(), 3)
+        assert key_of(slow_bin) not in rec.keys() and not w.idle()
+        release.set()
+        assert wait_for(lambda: key_of(slow_bin) in rec.keys(), 5)
+        assert wait_for(lambda: key_of(slow_bin) in w.coverage()[slow.pid].targets)
+    finally:
+        release.set()
+        w.close()
+        for p in (slow, fast):
+            if p is not None:
+                p.kill()
+                p.wait()
