@@ -235,6 +235,8 @@ struct emit_ctx {
 	__u32 done; /* bytes of cap already handled */
 	__u16 last_flags;
 	__u32 cpu;
+	__u32 tid;  /* owner of the scratch slot while the call is emitted */
+	__u64 conn;
 };
 
 static long emit_chunk(__u64 i, struct emit_ctx *c)
@@ -273,6 +275,13 @@ static long emit_chunk(__u64 i, struct emit_ctx *c)
 	asm volatile("" : "+r"(size));
 	if (size > LLMSPY_CHUNK_MAX)
 		return 1;
+	/* on a fully preemptible kernel another task on this CPU may have reused the
+	 * slot meanwhile: never submit a mixed record, count the rest of the call lost */
+	if (rec->hdr.tid != c->tid || rec->conn != c->conn) {
+		stat_add(LLMSPY_STAT_LOST_RECORDS, 1);
+		stat_add(LLMSPY_STAT_LOST_BYTES, c->cap - c->done);
+		return 1;
+	}
 	if (bpf_ringbuf_output(&rb, rec, LLMSPY_TLS_DATA_SIZE(size), ring_flags())) {
 		stat_add(LLMSPY_STAT_LOST_RECORDS, 1);
 		stat_add(LLMSPY_STAT_LOST_BYTES, n);
@@ -325,6 +334,8 @@ static __always_inline void llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 		stat_add(LLMSPY_STAT_TRUNCATED_BYTES, len - max_call_bytes);
 	}
 	c.cpu = bpf_get_smp_processor_id();
+	c.tid = (__u32)bpf_get_current_pid_tgid();
+	c.conn = conn;
 	rec = bpf_map_lookup_elem(&scratch, &c.cpu);
 	if (!rec) {
 		/* scratch sized for fewer CPUs than exist: count as lost */
