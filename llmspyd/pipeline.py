@@ -52,6 +52,11 @@ class PipelineLimits:
     # Read-side bytes held while waiting for the first written bytes that tell
     # the protocol; a server that talks first is not HTTP anyway.
     max_undetected_read_bytes: int = 64 * 1024
+    # A connection silent this long is forgotten (its close record may have been
+    # lost). Idle flushing alone keeps it: an HTTP/2 connection reused after a
+    # quiet spell must keep its HPACK state. If it speaks again after being
+    # forgotten, it is picked up mid-stream.
+    forget_after_ns: int = 3600 * 10**9
 
 
 # connection states
@@ -60,7 +65,7 @@ _DETECTING, _ACTIVE, _IGNORED = 0, 1, 2
 
 class _Conn:
     __slots__ = ("key", "first", "state", "parser", "assembler", "held", "held_write", "held_read", "midstream",
-                 "last_ts", "protocol", "why_ignored")
+                 "last_ts", "protocol", "why_ignored", "idle_flushed")
 
     def __init__(self, key: ConnKey, first: TlsChunk, ts_ns: int) -> None:
         self.key = key
@@ -75,6 +80,7 @@ class _Conn:
         self.last_ts = ts_ns
         self.protocol = ""
         self.why_ignored = ""
+        self.idle_flushed = False  # flush_idle already ran since the last activity
 
 
 def _default_assembler_factory(ctx: Any) -> Any:
@@ -108,7 +114,7 @@ class Pipeline:
         self._counters: dict[str, int] = dict.fromkeys(
             (
                 "connections", "http1", "h2", "unknown_protocol", "midstream", "parse_errors", "muted", "exchanges",
-                "stage_errors", "emit_errors", "ignored_bytes", "evicted", "idle_closed", "exit_closed",
+                "stage_errors", "emit_errors", "ignored_bytes", "evicted", "idle_flushed", "forgotten", "exit_closed",
                 "exec_closed", "h1_tunnels",
             ),
             0,
@@ -145,13 +151,29 @@ class Pipeline:
             self._stream_events(self._demux.feed(run))
 
     def flush_idle(self, now_ns: int, idle_ns: int) -> None:
-        """Close connections silent for idle_ns (ends responses that run until close)."""
+        """Connections silent for idle_ns: responses that run until close end, whatever is in
+        flight is emitted as broken ("idle"). The connection itself is kept (keep-alive pools
+        reuse connections after quiet spells, and HTTP/2 must keep its HPACK state); it is
+        forgotten only after `limits.forget_after_ns` of silence. idle_ns=0 flushes all."""
         for key, conn in list(self._conns.items()):
-            if now_ns - conn.last_ts >= idle_ns:
-                self._counters["idle_closed"] += 1
-                self._stream_events(self._demux.close(key, max(now_ns, conn.last_ts), "idle"))
-                if key in self._conns:  # never seen by the demux (e.g. state dropped): drop here
+            quiet = now_ns - conn.last_ts
+            if quiet >= self.limits.forget_after_ns:
+                self._counters["forgotten"] += 1
+                self._stream_events(self._demux.close(key, max(now_ns, conn.last_ts), "forgotten"))
+                if key in self._conns:
                     self._finish(self._conns[key], max(now_ns, conn.last_ts))
+            elif quiet >= idle_ns and not conn.idle_flushed:
+                conn.idle_flushed = True
+                self._counters["idle_flushed"] += 1
+                self._guarded(conn, now_ns, lambda c=conn: self._idle(c, max(now_ns, c.last_ts)))
+
+    def _idle(self, conn: _Conn, ts_ns: int) -> None:
+        if conn.state == _DETECTING and conn.held:
+            self._try_detect(conn, ts_ns, final=True)
+        if conn.state == _ACTIVE and conn.parser is not None:
+            events = conn.parser.idle(ts_ns)
+            if events:
+                self._deliver(conn, events)
 
     def close(self) -> None:
         """Shut down: every connection ends now and its pending exchanges are emitted."""
@@ -170,6 +192,7 @@ class Pipeline:
                     continue
                 if ev.ts_ns > conn.last_ts:
                     conn.last_ts = ev.ts_ns
+                conn.idle_flushed = False
                 if conn.state == _IGNORED:
                     if isinstance(ev, StreamData):
                         self._counters["ignored_bytes"] += len(ev.data)

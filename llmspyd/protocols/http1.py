@@ -208,6 +208,24 @@ class Http1Connection:
             r.lost_gap = missing
         return self._drain()
 
+    def idle(self, ts_ns: int) -> list[HttpEvent]:
+        """Nothing moved for the idle timeout: end a response that runs until close, break what is in flight.
+
+        The framing state is kept: bytes that still come are framed silently for the
+        broken messages, and the next message on the connection parses normally.
+        """
+        r = self._resp
+        if r.state == _UNTIL_CLOSE and r.msg is not None:
+            r.msg.response_end(ts_ns)
+            r.msg = None  # anything more until close is consumed silently
+        for reader in (self._req, self._resp):
+            if reader.msg is not None and reader.mid_message:
+                reader.msg.break_(ts_ns, "idle", "nothing moved within the idle timeout")
+        for msg in self._pending:
+            # kept in the queue: a late response is still matched (and skipped) correctly
+            msg.break_(ts_ns, "idle", "no response within the idle timeout")
+        return self._drain()
+
     def close(self, ts_ns: int) -> list[HttpEvent]:
         """The connection ended: a response without length ends here, anything else is cut."""
         for r in (self._req, self._resp):

@@ -31,7 +31,7 @@ from hyperframe.frame import (
 )
 
 from llmspyd.chunks import Direction
-from llmspyd.protocols.errors import ConnectionUnrecoverable, LimitExceeded, LlmspyProtocolError, ParseError
+from llmspyd.protocols.errors import ConnectionUnrecoverable, LimitExceeded, LlmspyProtocolError
 from llmspyd.protocols.events import Headers, HttpEvent, RequestHead, ResponseHead
 from llmspyd.protocols.msgorder import Msg
 
@@ -136,7 +136,8 @@ class Http2Connection:
             self._parse(side, ts_ns)
         except LlmspyProtocolError as e:
             self.counters["parse_errors"] += 1
-            self._die(ts_ns, e.reason if not isinstance(e, ConnectionUnrecoverable) else "parse_error", str(e))
+            # framing or HPACK can no longer be trusted: the whole connection is lost
+            self._die(ts_ns, "parse_error" if isinstance(e, ConnectionUnrecoverable) else e.reason, str(e))
         return self._drain()
 
     def gap(self, direction: Direction, missing: int, ts_ns: int) -> list[HttpEvent]:
@@ -144,6 +145,13 @@ class Http2Connection:
         self.counters["gap_bytes"] += missing
         if not self.dead:
             self._die(ts_ns, "gap", f"{missing} bytes lost: HTTP/2 framing and HPACK state unknown", missing)
+        return self._drain()
+
+    def idle(self, ts_ns: int) -> list[HttpEvent]:
+        """Nothing moved for the idle timeout: break open streams, keep the connection (HPACK stays in sync)."""
+        for msg in self._streams.values():
+            msg.break_(ts_ns, "idle", "nothing moved within the idle timeout")
+        self._streams.clear()  # late frames of these streams are counted as unknown-stream frames
         return self._drain()
 
     def close(self, ts_ns: int) -> list[HttpEvent]:
@@ -364,5 +372,3 @@ class Http2Connection:
         if msg.done:
             self._streams.pop(sid, None)
 
-
-__all__ = ["Http2Connection", "PREFACE", "ParseError"]

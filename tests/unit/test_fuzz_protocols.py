@@ -180,6 +180,7 @@ def test_pipeline_never_lets_an_exception_out(chunks):
             batch = []
     p.feed(batch)
     p.flush_idle(10**6, 0)
+    p.close()
     c = p.counters
     # the parsers and the real assembler handled everything themselves
     assert c["stage_errors"] == 0 and c["open_connections"] == 0

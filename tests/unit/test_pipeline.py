@@ -194,17 +194,51 @@ def test_exec_closes_the_old_image_connections():
     assert p.counters["exec_closed"] == 1 and p.counters["open_connections"] == 0
 
 
-def test_flush_idle_closes_only_idle_connections():
-    p, emitted, _ = make()
-    p.feed(chunks(H1, conn=1))  # last activity at 400
-    p.feed(chunks(H1[:1], conn=2, start=(0, 0))[:1] and [
-        TlsChunk(ts_ns=10_000, pid=PID, tid=PID, comm="a", conn=2, direction=Direction.WRITE, offset=0,
-                 data=H1[0][1], call_len=len(H1[0][1]))])
+def test_flush_idle_ends_until_close_responses_and_forgets_only_much_later():
+    p, emitted, _ = make(limits=PipelineLimits(forget_after_ns=1_000_000))
+    p.feed(chunks(H1, conn=1))  # last activity at 400; the HTTP/1.0 response runs until close
+    p.feed([TlsChunk(ts_ns=10_000, pid=PID, tid=PID, comm="a", conn=2, direction=Direction.WRITE, offset=0,
+                     data=H1[0][1], call_len=len(H1[0][1]))])
     p.flush_idle(now_ns=5_000, idle_ns=1_000)
-    assert ("closed", 1) in emitted and ("closed", 2) not in emitted
-    assert ("exchange", 1, 2, "ResponseEnd") in emitted
-    p.flush_idle(now_ns=10_001, idle_ns=0)
-    assert ("closed", 2) in emitted and p.counters["open_connections"] == 0
+    assert ("exchange", 1, 2, "ResponseEnd") in emitted  # ended by the idle timeout
+    assert not [e for e in emitted if e[1] == 2]  # conn 2 is not idle yet
+    assert p.counters["open_connections"] == 2 and p.counters["idle_flushed"] == 1
+    p.flush_idle(now_ns=5_001, idle_ns=1_000)
+    assert p.counters["idle_flushed"] == 1  # once per quiet spell
+    p.flush_idle(now_ns=2_000_000, idle_ns=1_000)
+    assert ("closed", 1) in emitted and ("closed", 2) in emitted and p.counters["forgotten"] == 2
+
+
+def test_idle_http1_connection_is_kept_and_parses_the_next_exchange():
+    p, emitted, _ = make()
+    p.feed(chunks(H1[:1]))  # request sent, the response is slow
+    p.flush_idle(now_ns=10_000, idle_ns=1_000)
+    assert ("exchange", 0x1000, 1, "MessageBroken") in emitted
+    assert [e.reason for e in Collector.instances[0].events if isinstance(e, MessageBroken)] == ["idle"]
+    # the late response is framed silently; the next exchange on the same connection parses
+    p.feed(chunks([H1[1], (W, H1[2][1], 20_000), (R, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n!", 20_001)],
+                  start=(len(H1[0][1]), 0)))
+    assert ("exchange", 0x1000, 2, "ResponseEnd") in emitted and len(Collector.instances) == 1
+
+
+def test_idle_h2_connection_keeps_hpack_state():
+    h2p = H2Pair()
+    a = h2p.request("/a", b"1", extra=[("x-session", "s" * 40)])
+    p, emitted, _ = make()
+    p.feed(chunks(h2p.rec))
+    mark = len(h2p.rec)
+    p.flush_idle(now_ns=10**12, idle_ns=1)
+    assert ("exchange", 0x1000, a, "MessageBroken") in emitted
+    h2p.respond(a, 200, [b"late"])
+    b = h2p.request("/b", b"2", extra=[("x-session", "s" * 40)])  # indexed from the HPACK table
+    h2p.respond(b, 200, [b"ok"])
+    w_off = sum(len(x) for d, x, _ in h2p.rec[:mark] if d == W)
+    r_off = sum(len(x) for d, x, _ in h2p.rec[:mark] if d == R)
+    later = [(d, x, 10**12 + ts) for d, x, ts in h2p.rec[mark:]]
+    p.feed(chunks(later, start=(w_off, r_off)))
+    assert ("exchange", 0x1000, b, "ResponseEnd") in emitted
+    head_b = [e for e in Collector.instances[0].events if type(e).__name__ == "RequestHead" and e.msg == b][0]
+    assert ("x-session", "s" * 40) in head_b.headers
 
 
 def test_reused_address_starts_a_new_connection():
