@@ -55,6 +55,11 @@ SSL_R_UNINITIALIZED = 226
 WRITE_REASONS = frozenset({SSL_R_UNINITIALIZED, SSL_R_SSL_HANDSHAKE_FAILURE, SSL_R_BAD_LENGTH})
 READ_IMPL_REASONS = frozenset({SSL_R_UNINITIALIZED, SSL_R_SSL_HANDSHAKE_FAILURE})
 
+# reasons of the functions we look at; None: the quick look could not tell
+RELEVANT_OR_UNKNOWN = frozenset(
+    {ERR_R_SHOULD_NOT_HAVE_BEEN_CALLED, SSL_R_BAD_LENGTH, SSL_R_SSL_HANDSHAKE_FAILURE, SSL_R_UNINITIALIZED, None}
+)
+
 FILE_NAME = b"ssl_lib.cc"
 # how far before an error site its function may start: SSL_write/ssl_read_impl are < 2 KiB,
 # but we must also see the entries of the other functions in ssl_lib.cc that raise errors
@@ -156,8 +161,10 @@ def _analyse(img: Image) -> Analysis:
     if not refs:
         # the string is there but no code uses it: BoringSSL text without its SSL layer
         return Analysis(reason="ssl_lib.cc is never referenced by code")
-    entries = _call_targets_near(img, refs)
-    functions = _functions_of(img, refs, entries)
+    # only the functions that raise these reasons matter: skip finding the entries of the others
+    relevant = [r for r in refs if _quick_reason(img, r, set(strings)) in RELEVANT_OR_UNKNOWN]
+    entries = _call_targets_near(img, relevant)
+    functions = _functions_of(img, relevant, entries)
     sites: dict[int, list[ErrorSite]] = defaultdict(list)
     string_set = set(strings)
     for fn in functions.values():
@@ -223,9 +230,8 @@ def _call_targets_near(img: Image, refs: list[int]) -> dict[int, list[int]]:
         else:
             ranges.append([lo, hi])
     entries: dict[int, list[int]] = defaultdict(list)
-    for lo, hi in ranges:
-        for caller, target in x86code.find_rel32_refs(img, (lo, hi), CALL_REL32):
-            entries[target].append(caller)
+    for caller, target in x86code.find_rel32_refs(img, [(lo, hi) for lo, hi in ranges], CALL_REL32):
+        entries[target].append(caller)
     return entries
 
 
@@ -252,6 +258,26 @@ def _functions_of(img: Image, refs: list[int], entries: dict[int, list[int]]) ->
                 break
             i -= 1
     return {s: f for s, f in out.items() if any(f.at(r) is not None for r in refs)}
+
+
+def _quick_reason(img: Image, at: int, strings: set[int]) -> int | None:
+    """The reason code of the error call at `at`, from the straight line after it; None when not that simple."""
+    insns = list(x86code.decode_linear(img, at, 64))
+    if not insns or insns[0].imm_to_reg is None or insns[0].imm_to_reg[1] not in strings:
+        return None
+    file_reg = insns[0].imm_to_reg[0]
+    if file_reg not in ARG_REGS or ARG_REGS.index(file_reg) < 2:
+        return None
+    reason_reg = ARG_REGS[ARG_REGS.index(file_reg) - 1]
+    reason: int | None = None
+    for x in insns[1:]:
+        if x.is_call or x.is_jmp:
+            return reason
+        if x.is_jcc or x.is_ret:
+            return None
+        if reason_reg in x.writes:
+            reason = x.imm_to_reg[1] if x.imm_to_reg is not None and x.imm_to_reg[0] == reason_reg else None
+    return None
 
 
 def error_site(fn: Function, at: int) -> ErrorSite | None:

@@ -180,16 +180,20 @@ LEA_RIP = RelShape("lea", 3, 7)
 
 
 def find_rel32_refs(
-    img: Image, targets: tuple[int, int], shape: RelShape, ranges: Iterable[tuple[int, int, int]] | None = None
+    img: Image,
+    targets: tuple[int, int] | list[tuple[int, int]],
+    shape: RelShape,
+    ranges: Iterable[tuple[int, int, int]] | None = None,
 ) -> list[tuple[int, int]]:
-    """Every `shape` instruction in the code whose rel32 target lies in [lo, hi).
+    """Every `shape` instruction in the code whose rel32 target lies in [lo, hi) (one span or several).
 
     Returns (instruction vaddr, target vaddr). Instead of decoding, search per
     window for the 2 high bytes the displacement must have there, then check the
-    candidates. Bytes that merely look like such an instruction (inside another
-    instruction) are possible but need a 4-byte exact match; callers verify.
+    candidates; one pass over the code serves all spans. Bytes that merely look
+    like such an instruction (inside another instruction) are possible but need
+    a 4-byte exact match; callers verify.
     """
-    lo, hi = targets
+    spans = [targets] if isinstance(targets, tuple) else sorted(targets)
     m = img.data
     out: list[tuple[int, int]] = []
     hi_at = shape.disp_at + 2
@@ -201,20 +205,22 @@ def find_rel32_refs(
                 break
             va0 = base_va + (w - start) + shape.length
             va1 = base_va + (wend - 1 - start) + shape.length
-            # displacement range for targets in [lo, hi) from instructions in [w, wend)
-            dmin, dmax = lo - va1, hi - 1 - va0
-            his = {((d & 0xFFFFFFFF) >> 16) for d in range(dmin & ~0xFFFF, dmax + 1, 0x10000)}
-            his.add((dmax & 0xFFFFFFFF) >> 16)
+            his: set[int] = set()
+            for lo, hi in spans:
+                # displacement range for targets in [lo, hi) from instructions in [w, wend)
+                dmin, dmax = lo - va1, hi - 1 - va0
+                his.update((d & 0xFFFFFFFF) >> 16 for d in range(dmin & ~0xFFFF, dmax + 1, 0x10000))
+                his.add((dmax & 0xFFFFFFFF) >> 16)
             for h in his:
                 pat = h.to_bytes(2, "little")
                 q = m.find(pat, w + hi_at, wend + hi_at + 1)
                 while q != -1:
                     p = q - hi_at
-                    if w <= p < wend and shape.matches(m, p):
+                    if shape.matches(m, p):
                         d = int.from_bytes(m[p + shape.disp_at : p + shape.disp_at + 4], "little", signed=True)
                         va = base_va + (p - start)
                         t = va + shape.length + d
-                        if lo <= t < hi:
+                        if any(lo <= t < hi for lo, hi in spans):
                             out.append((va, t))
                     q = m.find(pat, q + 1, wend + hi_at + 1)
             w = wend
