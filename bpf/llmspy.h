@@ -119,7 +119,7 @@ struct llmspy_exec {
 
 struct llmspy_exit {
 	struct llmspy_hdr hdr;
-	__s32 exit_code;
+	__s32 exit_code; /* as wait(2) reports it: exit status << 8, or the killing signal */
 	__u32 _pad;
 };
 

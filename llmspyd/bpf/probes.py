@@ -181,6 +181,31 @@ class ProbeManager:
             lk.destroy()
 
 
+def cgroup2_mount() -> str | None:
+    """Where the unified (v2) cgroup hierarchy is mounted: /sys/fs/cgroup, or .../unified on hybrid systems."""
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] == "cgroup2":
+                    return parts[1]
+    except OSError:
+        pass
+    return None
+
+
+def cgroup_id(cgroup: str) -> int | None:
+    """The id the kernel reports (bpf_get_current_cgroup_id) for a v2 cgroup path such as
+    /system.slice/foo.service: the inode number of its directory. None if there is no such cgroup."""
+    base = cgroup2_mount()
+    if base is None:
+        return None
+    try:
+        return os.stat(os.path.join(base, cgroup.lstrip("/"))).st_ino
+    except OSError:
+        return None
+
+
 # ---- a first OpenSSL finder: symbols -> file offsets ----
 
 

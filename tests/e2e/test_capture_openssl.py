@@ -8,6 +8,7 @@ itself (self_tgid), which is also what keeps the in-process server out of the ca
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import textwrap
 import pytest
 
 from llmspyd.bpf.abi import CHUNK_MAX, Verdict
-from llmspyd.chunks import Direction
+from llmspyd.chunks import ConnClosed, Direction, ProcessExec, ProcessExit
 from tests.tlsserver import pattern
 
 pytestmark = pytest.mark.e2e
@@ -75,6 +76,9 @@ def test_curl_request_and_response_exact(capture, tls_server, tls_env, tmp_path)
     assert b"POST /echo HTTP/1.1" in rec.received and pattern(5000, seed=3) in rec.received
     assert peer.addr == "127.0.0.1" and peer.port == tls_server.port
     assert all(c.comm == "curl" for c in log.chunks(p.pid))
+    # curl frees its SSL object before exiting: the connection's streams end
+    assert log.wait_for(lambda: any(e.conn == conn for e in log.events(ConnClosed, p.pid)))
+    assert not log.chunks(os.getpid()), "the capture must never trace its own process"
 
 
 PY_FD_PEER = """
@@ -443,3 +447,65 @@ def test_max_call_bytes_cut_is_flagged_counted_and_offsets_continue(start_captur
         assert gaps == [(body[0].offset + limit, n - limit)]
     finally:
         session.close()
+
+
+def test_exec_and_exit_events(capture, tls_server, tls_env):
+    _, log = capture
+    p = subprocess.run([sys.executable, "-c", "import sys; sys.exit(3)"], timeout=CLIENT_TIMEOUT)
+    assert p.returncode == 3
+    # the child's pid is not returned by run(): find it by its parent and executable
+    assert log.wait_for(lambda: any(e.ppid == os.getpid() and e.filename == sys.executable
+                                    for e in log.events(ProcessExec)))  # fmt: skip
+    execs = [e for e in log.events(ProcessExec) if e.ppid == os.getpid() and e.filename == sys.executable]
+    child = execs[-1]
+    assert child.comm.startswith("python") and child.uid == os.getuid() and child.cgroup_id > 0
+    assert log.wait_for(lambda: log.events(ProcessExit, child.pid) != [])
+    (ex,) = log.events(ProcessExit, child.pid)
+    assert ex.exit_code == 3 << 8  # wait(2) status
+    assert ex.ts_ns > child.ts_ns
+
+
+def _cgroup_of(pid: int) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return next(line[3:].strip() for line in f if line.startswith("0::"))
+
+
+def test_cgroup_verdict_skips_a_whole_cgroup(capture, tls_server, tls_env):
+    from pathlib import Path
+
+    from llmspyd.bpf.probes import cgroup2_mount, cgroup_id
+
+    session, log = capture
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup v2 hierarchy mounted")
+    rel = _cgroup_of(os.getpid())
+    leaf = Path(mount) / rel.lstrip("/") / f"llmspy-test-{os.getpid()}"
+    try:
+        leaf.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a cgroup here: {e}")
+    assert cgroup_id(f"{rel.rstrip('/')}/{leaf.name}") == leaf.stat().st_ino
+    client = None
+    try:
+        client = subprocess.Popen(python_client(PY_WAIT.format(port=tls_server.port)), env=tls_env, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        (leaf / "cgroup.procs").write_text(str(client.pid))
+        before = session.stats()
+        session.probes.set_cgroup_verdict(leaf.stat().st_ino, Verdict.SKIP)
+        client.stdin.write("in-skipped-cgroup\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "in-skipped-cgroup"
+        assert session.stats()["filtered_calls"] >= before["filtered_calls"] + 2
+        session.probes.set_cgroup_verdict(leaf.stat().st_ino, None)
+        client.stdin.write("cgroup-unskipped\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "cgroup-unskipped"
+        assert log.wait_for(lambda: any(b"cgroup-unskipped" in c.data for c in log.chunks(client.pid)))
+        assert not any(b"in-skipped-cgroup" in c.data for c in log.chunks(client.pid))
+        assert {c.cgroup_id for c in log.chunks(client.pid)} == {leaf.stat().st_ino}
+    finally:
+        if client is not None:
+            client.stdin.close()
+            client.wait(timeout=CLIENT_TIMEOUT)
+        leaf.rmdir()
