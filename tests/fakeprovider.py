@@ -41,6 +41,7 @@ from llmspyd.llm.eventstream import encode_message
 
 CREATED = 1_732_000_000  # fixed timestamps keep recordings reproducible
 DELTA_CHARS = 6  # characters per streamed delta
+REASONING = "The user wants a greeting. Keep it short."
 
 
 @dataclass
@@ -162,6 +163,9 @@ def openai_chat(req: dict) -> Reply:
         return c
 
     events: list[tuple[str | None, Any]] = []
+    if "reasoner" in model:  # DeepSeek-style reasoning_content deltas before the answer
+        for p in _pieces(REASONING):
+            events.append((None, chunk({"role": "assistant", "content": None, "reasoning_content": p})))
     if tool:
         events.append((None, chunk({"role": "assistant", "content": None, "tool_calls": [
             {"index": 0, "id": call["id"], "type": "function", "function": {"name": tool, "arguments": ""}}],
@@ -244,9 +248,14 @@ def openai_responses(req: dict) -> Reply:
     else:
         item = {"id": msg_id, "type": "message", "status": "completed", "role": "assistant",
                 "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}]}
+    reasoning = None
+    if isinstance(req.get("reasoning"), dict) and req["reasoning"].get("summary"):
+        reasoning = {"id": "rs_6820f383d7c08191846711c5df8233bc0ac5ba57aafcbac7", "type": "reasoning",
+                     "summary": [{"type": "summary_text", "text": REASONING}]}
+        base["reasoning"] = req["reasoning"]
     usage = {"input_tokens": in_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": out_tokens,
-             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": in_tokens + out_tokens}
-    done = dict(base, status="completed", output=[item], usage=usage)
+             "output_tokens_details": {"reasoning_tokens": 64 if reasoning else 0}, "total_tokens": in_tokens + out_tokens}
+    done = dict(base, status="completed", output=([reasoning] if reasoning else []) + [item], usage=usage)
     if not req.get("stream"):
         return _json_reply(done)
     seq = iter(range(10_000))
@@ -257,27 +266,40 @@ def openai_responses(req: dict) -> Reply:
 
     add("response.created", response=base)
     add("response.in_progress", response=base)
+    oi = 0
+    if reasoning:
+        rid_ = reasoning["id"]
+        add("response.output_item.added", output_index=0, item={"id": rid_, "type": "reasoning", "summary": []})
+        add("response.reasoning_summary_part.added", item_id=rid_, output_index=0, summary_index=0,
+            part={"type": "summary_text", "text": ""})
+        for p in _pieces(REASONING):
+            add("response.reasoning_summary_text.delta", item_id=rid_, output_index=0, summary_index=0, delta=p)
+        add("response.reasoning_summary_text.done", item_id=rid_, output_index=0, summary_index=0, text=REASONING)
+        add("response.reasoning_summary_part.done", item_id=rid_, output_index=0, summary_index=0,
+            part={"type": "summary_text", "text": REASONING})
+        add("response.output_item.done", output_index=0, item=reasoning)
+        oi = 1
     if tool:
-        add("response.output_item.added", output_index=0, item=dict(item, status="in_progress", arguments=""))
+        add("response.output_item.added", output_index=oi, item=dict(item, status="in_progress", arguments=""))
         for p in ['{"', 'city', '":"', 'Paris', '"}']:
-            add("response.function_call_arguments.delta", item_id=fc_id, output_index=0, delta=p)
-        add("response.function_call_arguments.done", item_id=fc_id, output_index=0, arguments=item["arguments"])
-        add("response.output_item.done", output_index=0, item=item)
+            add("response.function_call_arguments.delta", item_id=fc_id, output_index=oi, delta=p)
+        add("response.function_call_arguments.done", item_id=fc_id, output_index=oi, arguments=item["arguments"])
+        add("response.output_item.done", output_index=oi, item=item)
     else:
-        add("response.output_item.added", output_index=0,
+        add("response.output_item.added", output_index=oi,
             item={"id": msg_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
-        add("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
+        add("response.content_part.added", item_id=msg_id, output_index=oi, content_index=0,
             part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})
         for i, p in enumerate(_pieces(text)):
             if model == "error-stream" and i == 2:
                 add("error", code="server_error", message="The server had an error processing your request.",
                     param=None)
                 return Reply(200, SSE_HEADERS, _sse(ev))
-            add("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=p, logprobs=[])
-        add("response.output_text.done", item_id=msg_id, output_index=0, content_index=0, text=text, logprobs=[])
-        add("response.content_part.done", item_id=msg_id, output_index=0, content_index=0,
+            add("response.output_text.delta", item_id=msg_id, output_index=oi, content_index=0, delta=p, logprobs=[])
+        add("response.output_text.done", item_id=msg_id, output_index=oi, content_index=0, text=text, logprobs=[])
+        add("response.content_part.done", item_id=msg_id, output_index=oi, content_index=0,
             part=item["content"][0])
-        add("response.output_item.done", output_index=0, item=item)
+        add("response.output_item.done", output_index=oi, item=item)
     add("response.completed", response=done)
     return Reply(200, SSE_HEADERS, _sse(ev))
 
@@ -377,6 +399,8 @@ def gemini(model: str, method: str, query: dict[str, str], req: dict) -> Reply:
         finish_parts = 1
     else:
         parts_all = [[{"text": p}] for p in _pieces(text)] if method == "streamGenerateContent" else [[{"text": text}]]
+        if ((req.get("generationConfig") or {}).get("thinkingConfig") or {}).get("includeThoughts"):
+            parts_all.insert(0, [{"text": REASONING, "thought": True}])
         finish_parts = len(parts_all)
     out_tokens = _tokens(text)
     usage = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": out_tokens,
@@ -466,9 +490,20 @@ def bedrock(model_id: str, op: str, req: dict) -> Reply:
                             "stopReason": "end_turn", "usage": usage, "metrics": {"latencyMs": 412}}, 200, extra)
     if op == "converse-stream":
         msgs: list[tuple[str, dict]] = [("messageStart", {"role": "assistant"})]
-        for p in _pieces(text):
-            msgs.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": p}}))
-        msgs += [("contentBlockStop", {"contentBlockIndex": 0}), ("messageStop", {"stopReason": "end_turn"}),
+        tools = (req.get("toolConfig") or {}).get("tools") or []
+        has_result = any("toolResult" in b for m in req.get("messages", []) for b in m.get("content", []))
+        stop = "end_turn"
+        if tools and not has_result:
+            name = tools[0]["toolSpec"]["name"]
+            msgs.append(("contentBlockStart", {"contentBlockIndex": 0, "start": {"toolUse": {
+                "toolUseId": "tooluse_kZJMlvQmRJ6eAyJE5GIl7Q", "name": name}}}))
+            for p in ['{"city"', ': "Paris"}']:
+                msgs.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"toolUse": {"input": p}}}))
+            stop = "tool_use"
+        else:
+            for p in _pieces(text):
+                msgs.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": p}}))
+        msgs += [("contentBlockStop", {"contentBlockIndex": 0}), ("messageStop", {"stopReason": stop}),
                  ("metadata", {"usage": usage, "metrics": {"latencyMs": 389}})]
         chunks = [encode_message({":event-type": et, ":content-type": "application/json", ":message-type": "event"},
                                  _j(dict(body, p="abcdefghijklmnopqrstuvwxyzABCDEF"[: 3 + i % 20])).encode())
@@ -637,10 +672,21 @@ class FakeProvider:
         raise TimeoutError(f"fake provider did not listen on {self.port}")
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(10)
+        loop, thread = self._loop, self._thread
+        if loop is None or self._stop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(self._stop.set)
+        thread.join(1.0)
+        if thread.is_alive():  # hypercorn waits for idle keep-alive clients: cut them
+            def cancel_all() -> None:
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
+
+            try:
+                loop.call_soon_threadsafe(cancel_all)
+            except RuntimeError:  # loop closed meanwhile
+                pass
+            thread.join(5)
 
     def __enter__(self) -> FakeProvider:
         return self.start()

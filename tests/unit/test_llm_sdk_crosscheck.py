@@ -96,7 +96,9 @@ def _anthropic(case: Case) -> dict[str, Any]:
 READERS = {
     "openai_chat": _chat, "openai_chat_stream": _chat, "openai_chat_tools_stream": _chat, "openai_chat_tool_result": _chat,
     "azure_chat_stream": _chat, "openrouter_chat_stream": _chat, "vllm_chat_stream": _chat, "litellm_chat": _chat,
-    "ollama_openai_chat": _chat, "generic_gateway_chat": _chat,
+    "ollama_openai_chat": _chat, "generic_gateway_chat": _chat, "deepseek_reasoner_stream": _chat,
+    "docs_openai_chat_stream": _chat, "docs_anthropic_tools_stream": _anthropic,
+    "openai_responses_reasoning_stream": _responses,
     "openai_responses": _responses, "openai_responses_stream": _responses, "openai_responses_tools_stream": _responses,
     "openai_responses_tool_result": _responses,
     "openai_completions": _completions, "openai_completions_stream": _completions,
@@ -114,7 +116,7 @@ def test_sdk_agrees_with_record(name: str) -> None:
     assert resp["text"] == sdk["text"]
     ours = [(t["id"], t["name"], t["arguments"]) for t in resp["tool_calls"]]
     theirs = sdk["tools"]
-    if name.startswith(("anthropic", "bedrock")):  # the SDK re-serializes input objects: compare as JSON
+    if name.startswith(("anthropic", "bedrock", "docs_anthropic")):  # the SDK re-serializes input objects: compare as JSON
         ours = [(i, n, json.loads(a)) for i, n, a in ours]
         theirs = [(i, n, json.loads(a)) for i, n, a in theirs]
     assert ours == theirs

@@ -128,6 +128,12 @@ def openai_cases() -> None:
                                                       "output": "18°C, sunny"}]), None),
         ("openai_responses_stream_error", "Responses stream ending in an error event",
          lambda t: drain(client(t).responses.create(model="error-stream", input="Say hello.", stream=True)), None),
+        ("openai_responses_reasoning_stream", "Responses stream with a reasoning summary (reasoning_summary_text.delta)",
+         lambda t: drain(client(t).responses.create(model="o4-mini", input="Say hello.", stream=True,
+                                                    reasoning={"effort": "low", "summary": "auto"})), None),
+        ("deepseek_reasoner_stream", "DeepSeek reasoner: chat stream with reasoning_content deltas before the answer",
+         lambda t: drain(client(t, "https://api.deepseek.com/v1").chat.completions.create(
+             model="deepseek-reasoner", messages=msgs, stream=True)), None),
         ("openai_completions", "legacy completions, not streamed",
          lambda t: client(t).completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hello", max_tokens=20), None),
         ("openai_completions_stream", "legacy completions streamed",
@@ -238,6 +244,9 @@ def gemini_cases() -> None:
                  "tools": [{"functionDeclarations": [{"name": "get_weather", "description": "Current weather in a city",
                                                       "parameters": {"type": "OBJECT", "properties": {"city": {"type": "STRING"}},
                                                                      "required": ["city"]}}]}]}
+    think = dict(req, generationConfig={"thinkingConfig": {"includeThoughts": True, "thinkingBudget": 1024}})
+    _direct("gemini_thinking_stream_sse", "Gemini stream with thought summaries (parts with thought: true)",
+            base + ":streamGenerateContent?alt=sse", GENAI_HEADERS, think, "2")
     _direct("gemini_tools", "Gemini function call", base + ":generateContent", GENAI_HEADERS, tools_req, "2")
     _direct("gemini_error_404", "Gemini error body",
             "https://generativelanguage.googleapis.com/v1beta/models/error-400:generateContent", GENAI_HEADERS, req, "2")
@@ -273,6 +282,12 @@ def bedrock_cases() -> None:
     _direct("bedrock_converse", "Bedrock Converse", f"https://{host}/model/{enc}/converse", hdrs, conv)
     _direct("bedrock_converse_stream", "Bedrock ConverseStream: binary event stream",
             f"https://{host}/model/{enc}/converse-stream", hdrs, conv)
+    tools = dict(conv, toolConfig={"tools": [{"toolSpec": {"name": "get_weather", "description": "Current weather in a city",
+                                                         "inputSchema": {"json": {"type": "object", "properties": {
+                                                             "city": {"type": "string"}}}}}}]})
+    tools["messages"] = [{"role": "user", "content": [{"text": "Weather in Paris?"}]}]
+    _direct("bedrock_converse_tools_stream", "Bedrock ConverseStream answering with toolUse (contentBlockStart, input deltas)",
+            f"https://{host}/model/{enc}/converse-stream", hdrs, tools)
     claude = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 256, "system": "You are a terse assistant.",
               "messages": [{"role": "user", "content": "Say hello."}]}
     _direct("bedrock_invoke_stream", "Bedrock InvokeModelWithResponseStream (Claude): base64 Anthropic events in chunks",
@@ -296,7 +311,105 @@ def generic_cases() -> None:
          [("host", "tgi.internal"), ("content-type", "application/json"), ("content-length", str(len(body2)))], body2, r2)
 
 
+# Bodies written out as the providers' API references show them (not produced by tests/fakeprovider.py).
+DOCS_ANTHROPIC_STREAM = """event: message_start
+data: {"type": "message_start", "message": {"id": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY", "type": "message", "role": "assistant", "content": [], "model": "claude-opus-4-20250514", "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 25, "output_tokens": 1}}}
+
+event: content_block_start
+data: {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+
+event: ping
+data: {"type": "ping"}
+
+event: content_block_delta
+data: {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Okay"}}
+
+event: content_block_delta
+data: {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": ", let's check the weather for San Francisco, CA:"}}
+
+event: content_block_stop
+data: {"type": "content_block_stop", "index": 0}
+
+event: content_block_start
+data: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"toolu_01T1x1fJ34qAmk2tNTrN7Up6","name":"get_weather","input":{}}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":""}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\\"location\\":"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":" \\"San Francisco, CA\\""}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":", \\"unit\\": \\"fahrenheit\\"}"}}
+
+event: content_block_stop
+data: {"type":"content_block_stop","index":1}
+
+event: message_delta
+data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"output_tokens":89}}
+
+event: message_stop
+data: {"type":"message_stop"}
+
+"""
+
+DOCS_OPENAI_CHAT_STREAM = """data: {"id":"chatcmpl-123","object":"chat.completion.chunk","created":1694268190,"model":"gpt-4o-mini", "system_fingerprint": "fp_44709d6fcb", "choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-123","object":"chat.completion.chunk","created":1694268190,"model":"gpt-4o-mini", "system_fingerprint": "fp_44709d6fcb", "choices":[{"index":0,"delta":{"content":"Hello"},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-123","object":"chat.completion.chunk","created":1694268190,"model":"gpt-4o-mini", "system_fingerprint": "fp_44709d6fcb", "choices":[{"index":0,"delta":{"content":"!"},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"chatcmpl-123","object":"chat.completion.chunk","created":1694268190,"model":"gpt-4o-mini", "system_fingerprint": "fp_44709d6fcb", "choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]}
+
+data: [DONE]
+
+"""
+
+DOCS_OLLAMA_GENERATE = [
+    '{"model":"llama3.2","created_at":"2023-08-04T08:52:19.385406455-07:00","response":"The","done":false}\n',
+    '{"model":"llama3.2","created_at":"2023-08-04T08:52:19.385406455-07:00","response":" sky","done":false}\n',
+    '{"model":"llama3.2","created_at":"2023-08-04T08:52:19.385406455-07:00","response":" is blue.","done":false}\n',
+    '{"model":"llama3.2","created_at":"2023-08-04T19:22:45.499127Z","response":"","done":true,"context":[1,2,3],'
+    '"total_duration":10706818083,"load_duration":6338219291,"prompt_eval_count":26,"prompt_eval_duration":130079000,'
+    '"eval_count":259,"eval_duration":4232710000}\n',
+]
+
+
+def _sse_pieces(text: str) -> list[bytes]:
+    return [(e + "\n\n").encode() for e in text.split("\n\n") if e.strip()]
+
+
+def docs_cases() -> None:
+    req = json.dumps({"model": "claude-opus-4-20250514", "max_tokens": 1024, "stream": True,
+                      "tools": [{"name": "get_weather", "description": "Get the current weather in a given location",
+                                 "input_schema": {"type": "object", "properties": {"location": {"type": "string"}},
+                                                  "required": ["location"]}}],
+                      "messages": [{"role": "user", "content": "What is the weather like in San Francisco?"}]}).encode()
+    save("docs_anthropic_tools_stream", "Anthropic streaming docs example: text then tool_use with input_json_delta",
+         "POST", "https://api.anthropic.com/v1/messages",
+         [("host", "api.anthropic.com"), ("x-api-key", FAKE_ANTHROPIC_KEY), ("anthropic-version", "2023-06-01"),
+          ("content-type", "application/json"), ("content-length", str(len(req)))], req,
+         Reply(200, [("content-type", "text/event-stream; charset=utf-8"), ("cache-control", "no-cache")],
+               _sse_pieces(DOCS_ANTHROPIC_STREAM)))
+    req = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "developer", "content": "You are a helpful assistant."},
+                                                            {"role": "user", "content": "Hello!"}], "stream": True}).encode()
+    save("docs_openai_chat_stream", "OpenAI API reference streaming example", "POST",
+         "https://api.openai.com/v1/chat/completions",
+         [("host", "api.openai.com"), ("authorization", f"Bearer {FAKE_OPENAI_KEY}"), ("content-type", "application/json"),
+          ("content-length", str(len(req)))], req,
+         Reply(200, [("content-type", "text/event-stream; charset=utf-8")], _sse_pieces(DOCS_OPENAI_CHAT_STREAM)))
+    req = json.dumps({"model": "llama3.2", "prompt": "Why is the sky blue?"}).encode()
+    save("docs_ollama_generate_stream", "Ollama API docs /api/generate streaming example (stream unset: streams)",
+         "POST", "https://localhost:11434/api/generate",
+         [("host", "localhost:11434"), ("content-type", "application/json"), ("content-length", str(len(req)))], req,
+         Reply(200, [("content-type", "application/x-ndjson")], [x.encode() for x in DOCS_OLLAMA_GENERATE]))
+
+
 if __name__ == "__main__":
+    docs_cases()
     openai_cases()
     anthropic_cases()
     gemini_cases()
