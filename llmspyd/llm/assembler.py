@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class _Msg:
     request_error: str | None = None
     resp_head: ResponseHead | None = None
     early: list[ResponseData] = field(default_factory=list)  # response bytes that came before the request ended
+    early_bytes: int = 0
     decoder: Any = None  # SseParser | NdjsonParser | JsonArrayParser | EventStreamParser | None (buffered)
     resp_body: bytearray = field(default_factory=bytearray)
     resp_bytes: int = 0
@@ -176,7 +178,12 @@ class ExchangeAssembler:
             self._pick_decoder(msg)
         elif isinstance(ev, ResponseData):
             if msg.parsed is None:
-                msg.early.append(ev)
+                # held until the request body says what format to expect; bounded like any response body
+                if msg.early_bytes + len(ev.data) <= self.limits.max_response_parse_bytes:
+                    msg.early.append(ev)
+                    msg.early_bytes += len(ev.data)
+                else:
+                    msg.resp_cut = True
             else:
                 self._response_data(msg, ev)
         elif isinstance(ev, ResponseEnd):
@@ -255,6 +262,8 @@ class ExchangeAssembler:
             msg.parsed = ParsedRequest()
             msg.request_error = f"request not understood: {type(e).__name__}: {e}"
             self._count("request_parse_errors")
+        if body is None and msg.body:
+            _salvage(bytes(msg.body[:SALVAGE_BYTES]), msg.parsed)
         if msg.parsed.model is None:
             msg.parsed.model = det.model
         if msg.parsed.stream is None:
@@ -441,6 +450,8 @@ class ExchangeAssembler:
         except Exception:
             self._count("conversation_errors")
         self._count("exchanges")
+        if acc.bad_events:
+            self._count("bad_stream_events", acc.bad_events)
         if error is not None:
             self._count(f"exchanges_error_{error.kind}")
         return ex
@@ -459,9 +470,24 @@ class ExchangeAssembler:
             return
         msg.det.fmt.parse_response(body, acc)
 
-    def _count(self, what: str) -> None:
-        self.stats[what] += 1
-        COUNTERS[what] += 1
+    def _count(self, what: str, n: int = 1) -> None:
+        self.stats[what] += n
+        COUNTERS[what] += n
+
+
+# A request body cut by a gap or a limit is not JSON; its first bytes usually still name the model.
+SALVAGE_BYTES = 64 * 1024
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+_STREAM_RE = re.compile(rb'"stream"\s*:\s*(true|false)')
+
+
+def _salvage(head: bytes, parsed: ParsedRequest) -> None:
+    m = _MODEL_RE.search(head)
+    if m and parsed.model is None:
+        parsed.model = m.group(1).decode("utf-8", "replace")
+    m = _STREAM_RE.search(head)
+    if m and parsed.stream is None:
+        parsed.stream = m.group(1) == b"true"
 
 
 def _exchange_id(ctx: ConnContext, mid: int, start_ns: int) -> str:

@@ -264,3 +264,24 @@ def test_model_listing_first_does_not_mute_the_connection(authority: str, target
     recs = run(a, exchange("/v1/chat/completions", authority, CHAT, msg=2, rbody=json.dumps(
         {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}]}).encode()))
     assert recs[0].response.text == "hello" and a.wants_connection() is True
+
+
+def test_model_salvaged_from_a_body_cut_by_a_gap() -> None:
+    body = b'{"model": "claude-opus-4", "stream": true, "messages": [{"role": "user", "content": "long'
+    evs = exchange("/v1/messages", "api.anthropic.com", body)[:2]
+    evs.append(MessageBroken(1, 13, "gap", missing_bytes=4096))
+    r = run(asm(), evs)[0]
+    assert r.model == "claude-opus-4" and r.error.kind == "broken" and r.missing_bytes == 4096
+
+
+def test_converse_events_wrapped_the_sdk_way() -> None:
+    """Some proxies re-frame Bedrock streams as SSE of {"eventName": {...}} objects."""
+    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in [
+        {"messageStart": {"role": "assistant"}},
+        {"contentBlockDelta": {"delta": {"text": "Hel"}, "contentBlockIndex": 0}},
+        {"contentBlockDelta": {"delta": {"text": "lo"}, "contentBlockIndex": 0}},
+        {"messageStop": {"stopReason": "end_turn"}},
+        {"metadata": {"usage": {"inputTokens": 3, "outputTokens": 2}}}])
+    r = run(asm(), exchange("/model/amazon.nova-lite-v1%3A0/converse-stream", "bedrock-runtime.us-east-1.amazonaws.com",
+                            b'{"messages": []}', rheaders=SSE, rbody=sse))[0]
+    assert (r.response.text, r.response.finish_reason, r.usage.output_tokens, r.error) == ("Hello", "end_turn", 2, None)

@@ -92,6 +92,8 @@ class Converse(ApiFormat):
 
     def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int) -> None:
         obj = d(obj)
+        if not event and len(obj) == 1:  # SDK-style {"contentBlockDelta": {...}} (proxies re-framing the stream)
+            event, obj = next(iter(obj)), d(next(iter(obj.values())))
         if event == "contentBlockDelta":
             delta = d(obj.get("delta"))
             idx = obj.get("contentBlockIndex", 0)
