@@ -43,6 +43,7 @@ _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^ \x00-\x1f\x7f]+) HTTP/(1\.[01])\Z")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([^\r\n]*))?\Z")
 _HEADER_NAME = re.compile(_TOKEN + rb"\Z")
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 # message starts we re-synchronise on after a gap or a parse error. Not anchored
 # to a line start: a message follows a Content-Length body with no newline.
 # A whole start line is required, so body text rarely matches by accident.
@@ -169,6 +170,17 @@ class Http1Connection:
         if data:
             if r.state == _TUNNEL:
                 self.counters["tunnel_bytes"] += len(data)
+            elif r.state == _BODY and not r.buf:
+                # fast path for big Content-Length bodies: no copy through the buffer
+                n = r.remaining
+                piece = data if len(data) <= n else data[:n]
+                r.remaining -= len(piece)
+                self._data(r, piece, ts_ns)
+                if r.remaining == 0:
+                    self._end(r, ts_ns)
+                if len(data) > n:
+                    r.buf += data[n:]
+                    self._run(r, ts_ns)
             else:
                 r.buf += data
                 self._run(r, ts_ns)
@@ -364,7 +376,7 @@ class Http1Connection:
             line = bytes(buf[:nl]).rstrip(b"\r")
             del buf[: nl + 1]
             size_s = line.split(b";", 1)[0].strip(b" \t")
-            if not size_s or any(c not in b"0123456789abcdefABCDEF" for c in size_s) or len(size_s) > 16:
+            if not _CHUNK_SIZE_RE.match(size_s):
                 raise ParseError(f"bad chunk size {line[:40]!r}")
             size = int(size_s, 16)
             if size == 0:
@@ -383,7 +395,11 @@ class Http1Connection:
             r.remaining -= n
             self._data(r, data, ts)
             if r.remaining == 0:
-                r.state = _CHUNK_CRLF
+                if buf[:2] == b"\r\n":  # the usual case: skip a state round trip
+                    del buf[:2]
+                    r.state = _CHUNK_SIZE
+                else:
+                    r.state = _CHUNK_CRLF
             return True
         if st == _CHUNK_CRLF:
             if buf[:2] == b"\r\n":
