@@ -126,6 +126,23 @@ struct {
 	__type(value, struct llmspy_sock);
 } socks SEC(".maps");
 
+/* stacks that write the ciphertext only after the TLS call returned (node: libuv
+ * writes it right after SSL_write) teach us the socket through the thread's next
+ * write syscall, if it comes soon enough */
+#define LLMSPY_PENDING_SOCK_NS (2 * 1000 * 1000)
+
+struct llmspy_pending_sock {
+	__u64 conn;
+	__u64 ts_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, LLMSPY_MAX_CALLS);
+	__type(key, __u32);
+	__type(value, struct llmspy_pending_sock);
+} pending_socks SEC(".maps");
+
 /* filters set by user space: enum llmspy_verdict */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -297,8 +314,9 @@ static long emit_chunk(__u64 i, struct emit_ctx *c)
  * Emit the len bytes at user address buf that one TLS call moved on conn,
  * in records of at most LLMSPY_CHUNK_MAX bytes, and advance the connection's
  * offset by len whatever happened, so a lost or cut part shows as a gap.
+ * Returns false if the connection's socket is not known yet.
  */
-static __always_inline void llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 dir, __u8 stack)
+static __always_inline bool llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 dir, __u8 stack)
 {
 	struct llmspy_conn_key ok = {
 		.tgid = bpf_get_current_pid_tgid() >> 32,
@@ -312,7 +330,7 @@ static __always_inline void llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 	__u64 zero = 0, *off;
 
 	if (!len)
-		return;
+		return true;
 	if (len > 0xffffffffULL)
 		len = 0xffffffffULL;
 	off = bpf_map_lookup_elem(&offsets, &ok);
@@ -320,7 +338,7 @@ static __always_inline void llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 		bpf_map_update_elem(&offsets, &ok, &zero, BPF_NOEXIST);
 		off = bpf_map_lookup_elem(&offsets, &ok);
 		if (!off)
-			return;
+			return true;
 	}
 	stat_add(LLMSPY_STAT_CALLS, 1);
 
@@ -342,7 +360,7 @@ static __always_inline void llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 		stat_add(LLMSPY_STAT_LOST_RECORDS, 1);
 		stat_add(LLMSPY_STAT_LOST_BYTES, c.cap);
 		__sync_fetch_and_add(off, len);
-		return;
+		return true;
 	}
 
 	/* fields common to every record of the call */
@@ -370,6 +388,7 @@ static __always_inline void llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 
 	bpf_loop((c.cap + LLMSPY_CHUNK_MAX - 1) / LLMSPY_CHUNK_MAX, emit_chunk, &c, 0);
 	__sync_fetch_and_add(off, len);
+	return so != NULL;
 }
 
 /* entry of a TLS call: remember its arguments for the return probe */
@@ -411,8 +430,12 @@ static __always_inline void llmspy_call_return(long ret)
 	} else if (ret > 0) {
 		len = ret;
 	}
-	if (len)
-		llmspy_emit(call->conn, call->buf, len, call->dir, call->stack);
+	if (len && !llmspy_emit(call->conn, call->buf, len, call->dir, call->stack) &&
+	    call->dir == LLMSPY_DIR_WRITE) {
+		struct llmspy_pending_sock p = { .conn = call->conn, .ts_ns = bpf_ktime_get_ns() };
+
+		bpf_map_update_elem(&pending_socks, &tid, &p, BPF_ANY);
+	}
 	bpf_map_delete_elem(&calls, &tid);
 }
 

@@ -31,6 +31,11 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #error "syscall numbers for this architecture"
 #endif
 
+static __always_inline bool is_write_syscall(long id)
+{
+	return id == NR_write || id == NR_writev || id == NR_sendto || id == NR_sendmsg;
+}
+
 static __always_inline bool is_io_syscall(long id)
 {
 	switch (id) {
@@ -47,12 +52,16 @@ static __always_inline bool is_io_syscall(long id)
 	return false;
 }
 
-/* a thread inside a TLS call does I/O on fd: note that fd's socket for the connection */
+/*
+ * A thread inside a TLS call does I/O on fd, or writes soon after a TLS write
+ * whose socket is not known (pending_socks): note fd's socket for the connection.
+ */
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 {
 	struct llmspy_conn_key k = {};
 	struct llmspy_sock so = {};
+	struct llmspy_pending_sock *pend;
 	struct llmspy_call *call;
 	struct llmspy_sock *known;
 	struct task_struct *task;
@@ -66,11 +75,23 @@ int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 		return 0;
 	tid = (__u32)bpf_get_current_pid_tgid();
 	call = bpf_map_lookup_elem(&calls, &tid);
-	if (!call)
-		return 0;
+	if (call) {
+		k.conn = call->conn;
+	} else {
+		if (!is_write_syscall(id))
+			return 0;
+		pend = bpf_map_lookup_elem(&pending_socks, &tid);
+		if (!pend)
+			return 0;
+		if (bpf_ktime_get_ns() - pend->ts_ns > LLMSPY_PENDING_SOCK_NS) {
+			bpf_map_delete_elem(&pending_socks, &tid);
+			return 0;
+		}
+		/* kept until a TCP socket is found: the first write may go to a pipe */
+		k.conn = pend->conn;
+	}
 	fd = (int)PT_REGS_PARM1_CORE(regs);
 	k.tgid = bpf_get_current_pid_tgid() >> 32;
-	k.conn = call->conn;
 	known = bpf_map_lookup_elem(&socks, &k);
 	if (known && known->fd == fd)
 		return 0;
@@ -101,6 +122,8 @@ int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 	so.peer_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	so.local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	bpf_map_update_elem(&socks, &k, &so, BPF_ANY);
+	if (!call)
+		bpf_map_delete_elem(&pending_socks, &tid);
 	return 0;
 }
 
