@@ -273,7 +273,7 @@ class Pipeline:
             return
         if proto == detect_mod.UNKNOWN:
             self._counters["unknown_protocol"] += 1
-            head = bytes(conn.held_write[:16] or conn.held_read[:16])
+            head = bytes(conn.held_write[:4] or conn.held_read[:4])  # a few bytes: enough to tell TLS, SSH, ...
             log.debug("unknown protocol: connection ignored", pid=conn.key.pid, conn=hex(conn.key.conn),
                       comm=conn.first.comm, head=head.hex())
             self._ignore(conn, "unknown_protocol", mute=not final)

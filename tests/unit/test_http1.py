@@ -359,3 +359,11 @@ def test_h11_serialized_exchanges_any_split(exchanges, cuts):
         assert [e.status for e in events if isinstance(e, ResponseHead) and e.msg == i] == [status]
     assert not [e for e in events if isinstance(e, (MessageBroken,))]
     assert sum(isinstance(e, RequestEnd) for e in events) == sum(isinstance(e, ResponseEnd) for e in events)
+
+
+def test_error_details_never_quote_captured_bytes():
+    """A mangled Authorization line or a ?key= request line must not leak into records via `detail`."""
+    for head in (b"POST / HTTP/1.1\r\nAuthorization Bearer sk-SECRET\r\n\r\n",
+                 b"GET /v1/models?key=AIzaSECRET HTTP/9\r\n\r\n"):
+        ev = Http1Connection().receive(W, head, 1)
+        assert isinstance(ev[-1], MessageBroken) and "SECRET" not in ev[-1].detail
