@@ -425,8 +425,13 @@ static __always_inline void llmspy_call_return(long ret)
 		return;
 	}
 	if (call->out_len) {
-		if (ret != 1 || bpf_probe_read_user(&len, sizeof(len), (const void *)call->out_len))
+		if (ret != 1) {
 			len = 0;
+		} else if (bpf_probe_read_user(&len, sizeof(len), (const void *)call->out_len)) {
+			/* the byte count itself is unreadable: nothing to emit, but not silently */
+			stat_add(LLMSPY_STAT_FAULT_RECORDS, 1);
+			len = 0;
+		}
 	} else if (ret > 0) {
 		len = ret;
 	}
