@@ -1,8 +1,9 @@
 """Go binaries: where crypto/tls reads and writes plaintext, found without running the program.
 
 A Go program carries its own TLS stack, so the probes go into the executable:
-uprobes at the entry of `crypto/tls.(*Conn).Write`, `(*Conn).Read` and
-`(*Conn).Close`, and at every RET instruction of `Read` (never a uretprobe:
+uprobes at the start of `crypto/tls.(*Conn).Write`, `(*Conn).Read` and
+`(*Conn).Close` (just after the stack check of the prologue, see
+after_stack_check), and at every RET instruction of `Read` (never a uretprobe:
 Go moves goroutine stacks, and a return address rewritten by a uretprobe
 would crash the program when its stack is copied).
 
@@ -62,6 +63,11 @@ PCLN_MAGICS = (PCLN_GO116, PCLN_GO118, PCLN_GO120)
 RET_MNEMONICS = ("ret", "retq")
 # a crypto/tls.(*Conn).Read is a few hundred bytes; anything bigger means a wrong bound
 MAX_FUNC_BYTES = 1 << 20
+# the stack check is the first two or three instructions of a Go function (lea r12; cmp; jbe)
+PROLOGUE_INSNS = 4
+PROLOGUE_BYTES = 32
+# g.stackguard0 is at offset 0x10 of the g that R14 holds
+STACKGUARD_OPERAND = "[r14+0x10]"
 
 # params handed to the probes (see bpf/tls_gotls.bpf.c, struct go_fd_layout)
 PARAM_TCPCONN_CLOSE = "tcpconn_close"  # vaddr of net.(*TCPConn).Close: key of the layout map
@@ -292,20 +298,45 @@ def symtab_funcs(img: _Image, names: tuple[str, ...]) -> dict[str, int]:
 # machine code
 
 
-def ret_offsets(img: _Image, fn: GoFunc) -> list[int]:
-    """File offsets of every RET instruction of fn (amd64)."""
+def _disasm(img: _Image, fn: GoFunc, max_bytes: int | None = None) -> list[tuple[int, int, str, str]]:
     import capstone
 
     size = fn.end - fn.entry
     if not 0 < size <= MAX_FUNC_BYTES:
         raise GoBinaryError(f"{fn.name}: implausible size {size}")
-    code = img.read(fn.entry, size)
+    code = img.read(fn.entry, size if max_bytes is None else min(size, max_bytes))
     if code is None:
         raise GoBinaryError(f"{fn.name}: code outside the file")
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     md.skipdata = True  # keep going over padding or anything undecodable
+    return list(md.disasm_lite(code, fn.entry))
+
+
+def after_stack_check(img: _Image, fn: GoFunc) -> int:
+    """vaddr of the first instruction after fn's stack-bound check: where each call passes exactly once.
+
+    A Go prologue compares SP with g.stackguard0 (`cmp rsp|r12, [r14 + 0x10]`, then `jbe`) and, when the
+    stack must grow, calls runtime.morestack and JUMPS BACK TO THE ENTRY with the same arguments. An entry
+    probe therefore fires twice for one call whenever the stack grows there; a probe after the `jbe` does
+    not, and the argument registers are untouched up to it. A function without the check (nosplit) is
+    probed at its entry.
+    """
+    insns = _disasm(img, fn, PROLOGUE_BYTES)[:PROLOGUE_INSNS]
+    for i, (_addr, _size, mnemonic, ops) in enumerate(insns[:-1]):
+        if mnemonic == "cmp" and STACKGUARD_OPERAND in ops.replace(" ", ""):
+            nxt = insns[i + 1]
+            if nxt[2] not in ("jbe", "jb"):
+                break
+            return nxt[0] + nxt[1]
+    if any(STACKGUARD_OPERAND in ops.replace(" ", "") for *_, ops in insns):
+        raise GoBinaryError(f"{fn.name}: unrecognised stack check in the prologue")
+    return fn.entry
+
+
+def ret_offsets(img: _Image, fn: GoFunc) -> list[int]:
+    """File offsets of every RET instruction of fn (amd64)."""
     rets = []
-    for addr, _size, mnemonic, _ops in md.disasm_lite(code, fn.entry):
+    for addr, _size, mnemonic, _ops in _disasm(img, fn):
         if mnemonic in RET_MNEMONICS:
             off = img.vaddr_to_offset(addr)
             if off is not None:
@@ -373,6 +404,7 @@ class GoAnalysis:
     version: str
     funcs: dict[str, GoFunc]
     how: str  # "symtab" or "gopclntab"
+    probe_at: dict[str, int]  # function -> vaddr of its "entry" probe: after the stack check
     read_rets: list[int]
     params: dict[str, int]
 
@@ -401,6 +433,7 @@ def analyse(path: str, elf: Any) -> GoAnalysis | None:
         if missing:
             raise GoBinaryError(f"no {', '.join(missing)}: crypto/tls not linked in")
         how = "symtab" if READ_FN in syms and WRITE_FN in syms else "gopclntab"
+        probe_at = {n: after_stack_check(img, funcs[n]) for n in (READ_FN, WRITE_FN, CLOSE_FN) if n in funcs}
         rets = ret_offsets(img, funcs[READ_FN])
         if not rets:
             raise GoBinaryError(f"{READ_FN}: no RET instruction found")
@@ -412,7 +445,7 @@ def analyse(path: str, elf: Any) -> GoAnalysis | None:
                 PARAM_TCPCONN_READ: funcs[TCPCONN_READ_FN].entry,
                 **layout,
             }
-        return GoAnalysis(version, funcs, how, rets, params)
+        return GoAnalysis(version, funcs, how, probe_at, rets, params)
     finally:
         img.close()
 
@@ -447,12 +480,12 @@ def go_target(path: str, elf: Any, dev: int, ino: int) -> Target | Uncovered | N
         img = _Image(path, elf)
         try:
             offsets = {
-                "go_write": [img.vaddr_to_offset(a.funcs[WRITE_FN].entry)],
-                "go_read": [img.vaddr_to_offset(a.funcs[READ_FN].entry)],
+                "go_write": [img.vaddr_to_offset(a.probe_at[WRITE_FN])],
+                "go_read": [img.vaddr_to_offset(a.probe_at[READ_FN])],
                 "go_read_ret": a.read_rets,
             }
-            if CLOSE_FN in a.funcs:
-                offsets["go_close"] = [img.vaddr_to_offset(a.funcs[CLOSE_FN].entry)]
+            if CLOSE_FN in a.probe_at:
+                offsets["go_close"] = [img.vaddr_to_offset(a.probe_at[CLOSE_FN])]
         finally:
             img.close()
         if any(o is None for offs in offsets.values() for o in offs):

@@ -3,6 +3,7 @@ stripped and not: offsets against the toolchain's own `go tool nm` / `go tool ob
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import struct
@@ -40,13 +41,33 @@ def _nm(tc: build.Toolchain, path: Path, name: str) -> int:
     raise AssertionError(f"{name} not in go tool nm")
 
 
-def _objdump_rets(tc: build.Toolchain, path: Path, name: str) -> list[int]:
+def _objdump(tc: build.Toolchain, path: Path, name: str) -> list[tuple[int, str]]:
+    """(address, instruction) of function `name`, from the toolchain's own disassembler."""
     pat = "^" + re.escape(name) + "$"
     out = subprocess.run([tc.go, "tool", "objdump", "-s", pat, str(path)], capture_output=True, text=True,
                          check=True, env=build._env(tc.go)).stdout
-    return [int(m.group(1), 16) for m in re.finditer(r"\s(0x[0-9a-f]+)\s+c3\s+RET", out)]
+    insns = []
+    for line in out.splitlines():
+        m = re.match(r"\s+\S+\s+(0x[0-9a-f]+)\s+[0-9a-f]+\s+(.*)$", line)
+        if m:
+            insns.append((int(m.group(1), 16), m.group(2).strip()))
+    return insns
 
 
+def _objdump_rets(tc: build.Toolchain, path: Path, name: str) -> list[int]:
+    return [a for a, ins in _objdump(tc, path, name) if ins == "RET"]
+
+
+def _objdump_after_stack_check(tc: build.Toolchain, path: Path, name: str) -> int:
+    """Address of the instruction after the prologue's JBE to morestack (which jumps back to the entry)."""
+    insns = _objdump(tc, path, name)
+    assert insns[0][0] == _nm(tc, path, name)
+    i = next(i for i, (_, ins) in enumerate(insns[:4]) if ins.startswith("JBE"))
+    assert "0x10(R14)" in insns[i - 1][1]
+    return insns[i + 1][0]
+
+
+@functools.lru_cache(maxsize=None)
 def _target(path: Path) -> Target | Uncovered | None:
     st = path.stat()
     with open(path, "rb") as f:
@@ -66,7 +87,7 @@ def test_offsets_match_go_tool_nm_and_objdump(built: tuple[build.Toolchain, Path
     assert t.stack == Stack.GOTLS
     assert t.how.startswith("symtab") and tc.version in t.how
     for role, fn in (("go_write", golang.WRITE_FN), ("go_read", golang.READ_FN), ("go_close", golang.CLOSE_FN)):
-        assert t.offsets[role] == [_file_offset(full, _nm(tc, full, fn))], role
+        assert t.offsets[role] == [_file_offset(full, _objdump_after_stack_check(tc, full, fn))], role
     rets = [_file_offset(full, a) for a in _objdump_rets(tc, full, golang.READ_FN)]
     assert rets and t.offsets["go_read_ret"] == rets
 

@@ -8,6 +8,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"crypto/tls"
@@ -17,6 +18,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"runtime"
 	"sync"
 )
 
@@ -45,6 +47,72 @@ func recurse(depth int) int {
 	return recurse(depth-1) + int(pad[depth%1024])
 }
 
+// deepThen runs f at the bottom of a recursion `depth` frames deep (about 100 B each), so that the
+// functions f calls (tls.Conn.Write/Read) start with more or less stack left and, now and then, make
+// the runtime grow, i.e. copy, the goroutine stack right in their prologue.
+//
+//go:noinline
+func deepThen(depth int, f func()) int {
+	var pad [48]byte
+	pad[depth%48] = byte(depth)
+	if depth <= 0 {
+		f()
+		return int(pad[0])
+	}
+	return deepThen(depth-1, f) + int(pad[depth%48])
+}
+
+// rawExchange does one HTTP/1.1 request by hand on conn. Every conn.Write and conn.Read runs in a
+// fresh goroutine (a small new stack) at the bottom of a recursion of varying depth, and is the deepest
+// call there, so that the stack regularly has to grow in the very prologue of Write or Read.
+func rawExchange(conn *tls.Conn, i, depth, reqSize, respSize int) (string, bool) {
+	deep := func(d int, f func()) {
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			deepThen(d, f)
+		}()
+		<-done
+	}
+	body := pattern(reqSize, i)
+	head := fmt.Sprintf("POST /echo?size=%d&seed=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n"+
+		"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n", respSize, i, len(body))
+	msg := append([]byte(head), body...)
+	var err error
+	deep(depth, func() { _, err = conn.Write(msg) })
+	if err != nil {
+		return fmt.Sprintf("%d error %v", i, err), false
+	}
+	// read exactly one response: head, then Content-Length bytes
+	var got []byte
+	buf := make([]byte, 16384)
+	want := -1
+	for k := 0; want < 0 || len(got) < want; k++ {
+		var n int
+		deep(depth+k%5, func() { n, err = conn.Read(buf) })
+		if err != nil {
+			return fmt.Sprintf("%d error %v", i, err), false
+		}
+		got = append(got, buf[:n]...)
+		if end := bytes.Index(got, []byte("\r\n\r\n")); want < 0 && end >= 0 {
+			resp, perr := http.ReadResponse(bufio.NewReader(bytes.NewReader(got[:end+4])), nil)
+			if perr != nil {
+				return fmt.Sprintf("%d error %v", i, perr), false
+			}
+			want = end + 4 + int(resp.ContentLength)
+		}
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(got)), nil)
+	if err != nil {
+		return fmt.Sprintf("%d error %v", i, err), false
+	}
+	rbody, err := io.ReadAll(resp.Body)
+	sum := sha256.Sum256(rbody)
+	ok := err == nil && len(got) == want && bytes.Equal(rbody, pattern(respSize, i)) &&
+		resp.Header.Get("X-Request-Sha256") == hexsum(body)
+	return fmt.Sprintf("%d %s %d %s ok=%v", i, resp.Proto, len(rbody), hex.EncodeToString(sum[:8]), ok), ok
+}
+
 func main() {
 	url := flag.String("url", "", "server base URL, e.g. https://127.0.0.1:8443")
 	n := flag.Int("n", 1, "requests")
@@ -53,6 +121,7 @@ func main() {
 	respSize := flag.Int("resp", 100, "response body bytes")
 	h2 := flag.Bool("h2", false, "offer HTTP/2 through ALPN")
 	depth := flag.Int("recurse", 0, "recursion depth between requests (stack growth)")
+	raw := flag.Bool("raw", false, "HTTP/1.1 by hand on one tls.Conn per worker, each exchange deep in a recursion")
 	flag.Parse()
 
 	tr := &http.Transport{
@@ -73,6 +142,29 @@ func main() {
 	jobs := make(chan int)
 	for w := 0; w < *conc; w++ {
 		wg.Add(1)
+		if *raw {
+			go func(w int) {
+				defer wg.Done()
+				host := (*url)[len("https://"):]
+				conn, err := tls.Dial("tcp", host, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}})
+				if err != nil {
+					fmt.Fprintln(os.Stderr, err)
+					os.Exit(2)
+				}
+				defer conn.Close()
+				for i := range jobs {
+					if w == 0 && i%64 == 0 {
+						runtime.GC() // shrinks stacks that grew
+					}
+					line, ok := rawExchange(conn, i, (i*7)%(*depth+1), *reqSize, *respSize)
+					mu.Lock()
+					lines[i] = line
+					failed = failed || !ok
+					mu.Unlock()
+				}
+			}(w)
+			continue
+		}
 		go func() {
 			defer wg.Done()
 			for i := range jobs {
