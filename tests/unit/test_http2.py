@@ -8,9 +8,12 @@ import hpack
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from llmspyd.protocols.events import MessageBroken, RequestData, RequestHead, ResponseData, ResponseHead
 from llmspyd.protocols.http2 import MAX_CONTINUATION_FRAMES, PREFACE, Http2Connection
-from tests.unit.httpwire import R, W, H2Pair, body, kinds, replay, tr
+from tests.unit.httpwire import R, W, H2Pair, body, kinds, normalize, replay, split_at, tr
 
 FULL = ["RequestHead", "RequestData", "RequestEnd", "ResponseHead", "ResponseData", "ResponseEnd"]
 
@@ -222,3 +225,38 @@ def test_request_body_split_over_data_frames_and_request_trailers():
     per = tr(Http2Connection, p.rec)
     assert body(flat(per), sid, RequestData) == b"part0,part1,part2,part3,part4,"
     assert [e.trailers for e in per[sid] if type(e).__name__ == "RequestEnd"] == [[("x-checksum", "abc")]]
+
+
+def _rich_recording():
+    """Concurrency, CONTINUATION (h2 splits a 40 KB header block), padding, trailers, a reset."""
+    p = H2Pair(server_settings={1: 8192})
+    a = p.request("/a", b"A" * 3000, extra=[("x-big", "v" * 40_000)])
+    b = p.request("/b", b"B")
+    c = p.request("/c", b"C")
+    p.server.send_headers(b, [(":status", "200"), ("content-encoding", "gzip")])
+    p.flush()
+    enc = gzip.compress(b"bee " * 300)
+    p.server.send_data(b, enc[:50], pad_length=10)
+    p.respond(a, 200, [b"x" * 10_000, b"y" * 10_000], trailers=[("x-t", "1")])
+    p.server.send_data(b, enc[50:], end_stream=True)
+    p.server.reset_stream(c, ErrorCodes.REFUSED_STREAM)
+    p.flush()
+    return p.rec, (a, b, c)
+
+
+RICH, RICH_SIDS = _rich_recording()
+
+
+def test_rich_recording_events():
+    a, b, c = RICH_SIDS
+    per = tr(Http2Connection, RICH)
+    assert ("x-big", "v" * 40_000) in per[a][0].headers and per[a][-1].trailers == [("x-t", "1")]
+    assert body(flat(per), b, ResponseData) == b"bee " * 300
+    assert per[c][-1].reason == "rst_stream" and "REFUSED_STREAM" in per[c][-1].detail
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=sum(len(d) for _, d, _ in RICH) - 1), max_size=40))
+def test_rich_recording_any_split_gives_the_same_events(cuts):
+    reference = normalize(replay(Http2Connection(), RICH))
+    assert normalize(replay(Http2Connection(), split_at(RICH, cuts))) == reference
