@@ -27,6 +27,7 @@ and their probes are attached when they are done.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -52,6 +53,9 @@ RESCAN_DELAYS = (0.005, 0.02, 0.06, 0.15, 0.4, 1.0, 2.5)
 # TLS libraries programs load with dlopen() rather than link (Python's _ssl, curl plugins, ...): resolved in the
 # process's root at exec like DT_NEEDED entries, so a container's own libssl is probed before the dlopen
 DLOPEN_LIKELY = ("libssl.so.3", "libssl.so.1.1", "libgnutls.so.30")
+# threads for the slow finders (Go, stripped BoringSSL): two, so that a Go client's analysis (~1 s at worst)
+# does not queue behind a 245 MB Bun binary's (seconds)
+SLOW_WORKERS = 2
 # every process is re-read this often: catches anything an event missed (lost exec records) and replaced files
 SWEEP_INTERVAL_S = 10.0
 # attach failures are retried this many times (a path may vanish between the scan and the attach)
@@ -105,15 +109,18 @@ class ExecWatcher:
         self._st = _State()
         self._lock = threading.RLock()  # guards _st; held by the worker only while it updates state
         self._cond = threading.Condition(threading.Lock())
-        self._queue: list[tuple[float, int, str, int]] = []  # (due, seq, kind, pid)
+        # exec/exit events, handled first and in order; rescans wait in a heap by due time behind them, so a
+        # burst of rescans (7 per exec) never delays the next exec's scan
+        self._events: collections.deque[tuple[str, int]] = collections.deque()
+        self._queue: list[tuple[float, int, str, int]] = []  # (due, seq, "rescan", pid)
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
-        self._slow_thread: threading.Thread | None = None
+        self._slow_threads: list[threading.Thread] = []
         self._slow: queue.Queue[tuple[int, procmaps.OpenedFile] | None] = queue.Queue()
         self._slow_pending: dict[tuple[int, int], list[int]] = {}  # file key -> pids waiting for its verdict
         self._stop = False
         self.counters = {"execs": 0, "exits": 0, "scans": 0, "attached": 0, "attach_failed": 0, "predicted": 0,
-                         "replaced": 0, "out_of_scope": 0}
+                         "replaced": 0, "out_of_scope": 0, "exec_work_ms": 0.0, "exec_work_max_ms": 0.0}
 
     @classmethod
     def for_probes(cls, probes: Any, **kw: Any) -> ExecWatcher:
@@ -138,7 +145,7 @@ class ExecWatcher:
 
     def _push(self, due: float, kind: str, pid: int) -> None:
         with self._cond:
-            heapq.heappush(self._queue, (due, next(self._seq), kind, pid))
+            self._events.append((kind, pid))
             self._cond.notify()
         self.start()
 
@@ -181,15 +188,18 @@ class ExecWatcher:
                 return
             self._thread = threading.Thread(target=self._run, name="llmspy-discovery", daemon=True)
             self._thread.start()
-            self._slow_thread = threading.Thread(target=self._run_slow, name="llmspy-discovery-slow", daemon=True)
-            self._slow_thread.start()
+            for i in range(SLOW_WORKERS):
+                t = threading.Thread(target=self._run_slow, name=f"llmspy-discovery-slow{i}", daemon=True)
+                t.start()
+                self._slow_threads.append(t)
 
     def close(self) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify()
-            threads = (self._thread, self._slow_thread)
-        self._slow.put(None)
+            threads = (self._thread, *self._slow_threads)
+        for _ in self._slow_threads:
+            self._slow.put(None)
         for t in threads:
             if t is not None and t is not threading.current_thread():
                 t.join(timeout=5)
@@ -197,7 +207,7 @@ class ExecWatcher:
     def idle(self) -> bool:
         """No work due now (for tests and the bench: wait until the exec work is done)."""
         with self._cond:
-            fast_idle = not self._queue or self._queue[0][0] > time.monotonic()
+            fast_idle = not self._events and (not self._queue or self._queue[0][0] > time.monotonic())
         with self._lock:
             return fast_idle and not self._slow_pending
 
@@ -243,8 +253,9 @@ class ExecWatcher:
     def _run(self) -> None:
         next_sweep = time.monotonic() + self.sweep_interval_s
         while True:
+            item: tuple[str, int] | None = None
             with self._cond:
-                while not self._stop:
+                while not self._stop and not self._events:
                     now = time.monotonic()
                     due = self._queue[0][0] if self._queue else next_sweep
                     if due <= now or next_sweep <= now:
@@ -252,15 +263,23 @@ class ExecWatcher:
                     self._cond.wait(min(due, next_sweep) - now)
                 if self._stop:
                     return
-                item = heapq.heappop(self._queue) if self._queue and self._queue[0][0] <= time.monotonic() else None
+                if self._events:
+                    item = self._events.popleft()
+                elif self._queue and self._queue[0][0] <= time.monotonic():
+                    _, _, kind, pid = heapq.heappop(self._queue)
+                    item = (kind, pid)
             try:
                 if item is None:
                     self._sweep()
                     next_sweep = time.monotonic() + self.sweep_interval_s
                 else:
-                    _, _, kind, pid = item
+                    kind, pid = item
                     if kind == "exec":
+                        t0 = time.perf_counter()
                         self._exec(pid)
+                        ms = (time.perf_counter() - t0) * 1e3
+                        self.counters["exec_work_ms"] += ms
+                        self.counters["exec_work_max_ms"] = max(self.counters["exec_work_max_ms"], ms)
                     elif kind == "rescan":
                         self._scan(pid, predict=False)
                     elif kind == "exit":
@@ -288,8 +307,9 @@ class ExecWatcher:
             self._st.skipped.discard(pid)
             self._st.exec_ts.pop(pid, None)
         with self._cond:  # pending rescans of a dead pid would only find nothing
-            self._queue = [q for q in self._queue if q[3] != pid]
-            heapq.heapify(self._queue)
+            if any(q[3] == pid for q in self._queue):
+                self._queue = [q for q in self._queue if q[3] != pid]
+                heapq.heapify(self._queue)
 
     def _in_scope(self, pid: int) -> bool:
         if self.scope is None:

@@ -155,7 +155,8 @@ class Scanner:
     def analyse(self, f: procmaps.OpenedFile, *, heavy: bool = True) -> tuple[FileVerdict, bool]:
         """The verdict for an opened file, and whether it was analysed just now (not from the cache).
 
-        heavy=False stops before the slow finders (stripped BoringSSL: seconds on a 245 MB binary) and returns
+        heavy=False stops before the slow finders (Go: up to a second with DWARF; stripped BoringSSL: seconds on
+        a 245 MB binary) and returns
         a `deferred` verdict instead, so that an exec-time scan never waits for them."""
         ckey = (f.dev, f.ino, f.size, f.mtime_ns)
         with self._lock:
@@ -213,6 +214,9 @@ class Scanner:
                 v.note = "Go without crypto/tls"
                 return
             v.stack = Stack.GOTLS
+            if not heavy and self.go_finder is not None:
+                v.deferred = True  # DWARF and code decoding can take a second on a binary with debug info
+                return
             self._delegate(self.go_finder, "Go", v, f, (f.path, img.elf, f.dev, f.ino))
             return
         if img.has_section(".symtab"):
