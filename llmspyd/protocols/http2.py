@@ -11,8 +11,10 @@ the client preface and requests, the read side responses. Timestamps: a
 head carries the arrival time of the first byte of its HEADERS frame; data
 and ends carry the arrival of their frame's last byte.
 
-Any framing or HPACK error, and any gap, leaves the HPACK tables unknowable:
-every open stream is broken and the rest of the connection is only counted.
+Any framing or HPACK error, and a gap that is not wholly inside one DATA
+frame, leaves the HPACK tables unknowable: every open stream is broken and
+the rest of the connection is only counted. A gap inside a DATA frame costs
+only that frame's stream.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class _HeaderBlock:
 
 
 class _Side:
-    __slots__ = ("is_client", "buf", "buf_ts", "decoder", "preface_left", "block", "max_frame_size")
+    __slots__ = ("is_client", "buf", "buf_ts", "decoder", "preface_left", "block", "max_frame_size", "discard")
 
     def __init__(self, is_client: bool) -> None:
         self.is_client = is_client
@@ -90,6 +92,7 @@ class _Side:
         self.preface_left = len(PREFACE) if is_client else 0
         self.block: _HeaderBlock | None = None
         self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # what the OTHER side accepts, hence may be sent here
+        self.discard = 0  # bytes still to skip: the tail of a DATA frame a gap fell into
 
 
 def _error_name(code: int) -> str:
@@ -143,9 +146,35 @@ class Http2Connection:
     def gap(self, direction: Direction, missing: int, ts_ns: int) -> list[HttpEvent]:
         self.counters["gaps"] += 1
         self.counters["gap_bytes"] += missing
-        if not self.dead:
-            self._die(ts_ns, "gap", f"{missing} bytes lost: HTTP/2 framing and HPACK state unknown", missing)
+        if self.dead:
+            return []
+        side = self._client if direction == Direction.WRITE else self._server
+        if self._gap_inside_data(side, missing, ts_ns):
+            return self._drain()
+        self._die(ts_ns, "gap", f"{missing} bytes lost: HTTP/2 framing and HPACK state unknown", missing)
         return self._drain()
+
+    def _gap_inside_data(self, side: _Side, missing: int, ts_ns: int) -> bool:
+        """A gap that falls wholly inside one DATA frame whose header we hold costs only that stream.
+
+        The frame length says where the next frame starts, and DATA carries no
+        HPACK, so framing and header tables stay exact. Most lost bytes are big
+        bodies, so this is the common case.
+        """
+        buf = side.buf
+        if side.block is not None or side.preface_left or side.discard or len(buf) < FRAME_HEADER_LEN:
+            return False
+        length = int.from_bytes(buf[0:3], "big")
+        if buf[3] != 0x0 or len(buf) + missing > FRAME_HEADER_LEN + length:  # not DATA, or the gap runs past it
+            return False
+        sid = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+        self.counters["gaps_inside_data"] = self.counters.get("gaps_inside_data", 0) + 1
+        side.discard = FRAME_HEADER_LEN + length - len(buf) - missing
+        buf.clear()
+        msg = self._streams.pop(sid, None)
+        if msg is not None:
+            msg.break_(ts_ns, "gap", "bytes lost inside a DATA frame", missing)
+        return True
 
     def idle(self, ts_ns: int) -> list[HttpEvent]:
         """Nothing moved for the idle timeout: break open streams, keep the connection (HPACK stays in sync)."""
@@ -180,6 +209,13 @@ class Http2Connection:
 
     def _parse(self, side: _Side, ts: int) -> None:
         buf = side.buf
+        if side.discard:
+            n = min(side.discard, len(buf))
+            del buf[:n]
+            side.discard -= n
+            if side.discard or not buf:
+                return
+            side.buf_ts = ts
         if side.preface_left:
             n = min(side.preface_left, len(buf))
             start = len(PREFACE) - side.preface_left

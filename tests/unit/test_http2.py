@@ -260,3 +260,54 @@ def test_rich_recording_events():
 def test_rich_recording_any_split_gives_the_same_events(cuts):
     reference = normalize(replay(Http2Connection(), RICH))
     assert normalize(replay(Http2Connection(), split_at(RICH, cuts))) == reference
+
+
+def _cut(rec, item: int, a: int, b: int):
+    """The recording with bytes [a, b) of item `item` replaced by a gap."""
+    d, data, ts = rec[item]
+    out = [("data", x) for x in rec[:item]]
+    if a:
+        out.append(("data", (d, data[:a], ts)))
+    out.append(("gap", (d, b - a, ts)))
+    if b < len(data):
+        out.append(("data", (d, data[b:], ts)))
+    out += [("data", x) for x in rec[item + 1:]]
+    return out
+
+
+def _feed_cut(ops):
+    conn = Http2Connection()
+    ev = []
+    for kind, args in ops:
+        ev += conn.gap(*args) if kind == "gap" else conn.receive(*args)
+    return conn, ev
+
+
+def test_gap_inside_a_data_frame_costs_only_that_stream():
+    p = H2Pair()
+    a = p.request("/a", b"a" * 10_000)  # one big DATA frame on the write side
+    item = len(p.rec) - 1 if p.rec[-1][0] == W else next(i for i in range(len(p.rec) - 1, -1, -1) if p.rec[i][0] == W)
+    b = p.request("/b", b"b", extra=[("x-same", "indexed")])
+    p.respond(a, 200, [b"ra"])
+    p.respond(b, 200, [b"rb"])
+    c = p.request("/c", b"c", extra=[("x-same", "indexed")])  # HPACK must still be in sync
+    p.respond(c, 200, [b"rc"])
+    d, data, _ = p.rec[item]
+    start = data.rfind(b"a" * 100)  # inside the payload of /a's DATA frame
+    conn, ev = _feed_cut(_cut(p.rec, item, start - 500, start - 100))
+    assert not conn.dead and conn.counters["gaps_inside_data"] == 1
+    assert [(e.msg, e.reason, e.missing_bytes) for e in ev if isinstance(e, MessageBroken)] == [(a, "gap", 400)]
+    for sid, want in ((b, b"rb"), (c, b"rc")):
+        assert kinds(ev, sid)[-1] == "ResponseEnd" and body(ev, sid, ResponseData) == want
+    head_c = next(e for e in ev if isinstance(e, RequestHead) and e.msg == c)
+    assert ("x-same", "indexed") in head_c.headers
+
+
+def test_gap_across_a_frame_boundary_is_unrecoverable():
+    p = H2Pair()
+    p.request("/a", b"a" * 100)
+    p.request("/b", b"b")
+    w_items = [i for i, (d, _, _) in enumerate(p.rec) if d == W]
+    item = w_items[-1]  # /b's HEADERS + DATA: a gap over its start takes HPACK bytes
+    conn, ev = _feed_cut(_cut(p.rec, item, 0, 5))
+    assert conn.dead and conn.counters["unrecoverable"] == 1
