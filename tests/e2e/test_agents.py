@@ -11,6 +11,7 @@ Needs root (uprobes), bpftrace, and the npm registry the first time (tests/agent
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -221,3 +222,78 @@ def _pid_of(calls, marker: bytes) -> int:
     pids = {p for (d, p, _c), v in calls.items() if d == "W" and any(marker in head for _n, head in v)}
     assert len(pids) == 1, f"writes carrying {marker!r} came from pids {pids}"
     return pids.pop()
+
+
+# ---------------------------------------------------------------------------
+# through the project: capture core probes at the found offsets -> pipeline -> LLM exchange record
+
+
+@pytest.mark.parametrize("key", CLAUDES)
+def test_claude_exchange_through_capture_and_pipeline(
+    agents, capture, certs, key, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`claude -p` against the fake Anthropic provider: the exchange (prompt, model, joined reply, usage) comes out."""
+    from llmspyd.chunks import TlsChunk
+    from llmspyd.discovery.target import Target
+    from llmspyd.pipeline import Pipeline
+    from tests.fakeprovider import FakeProvider, answer_text
+
+    monkeypatch.setenv(boringssl.CACHE_ENV, str(tmp_path / "cache"))
+    a = agents[key]
+    st = os.stat(a.exe)
+    target = boringssl.boringssl_target(str(a.exe), st.st_dev, st.st_ino)
+    assert isinstance(target, Target), target
+    session, log = capture
+    assert sorted(session.probes.attach(target)) == ["SSL_read", "SSL_write"]
+
+    prompt = f"say hello to llmspy from {key}"
+    with FakeProvider(certs.cert, certs.key, alpn=("http/1.1",)) as fp:
+        env = dict(
+            os.environ,
+            HOME=str(tmp_path),
+            ANTHROPIC_BASE_URL=fp.url,
+            ANTHROPIC_API_KEY="sk-ant-dummy-e2e",
+            NODE_EXTRA_CA_CERTS=str(certs.ca),
+            CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+            DISABLE_AUTOUPDATER="1",
+        )
+        p = subprocess.Popen(
+            [str(a.exe), "-p", prompt, "--tools", ""],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        out, err = p.communicate(timeout=AGENT_TIMEOUT_S)
+    assert p.returncode == 0, err
+    assert out.startswith("Hello from")
+
+    def reply_seen() -> bool:  # the reply streams in small deltas: look for the end of the stream
+        return any(b"message_stop" in c.data for c in log.chunks(pid=p.pid))
+
+    assert log.wait_for(reply_seen, timeout=10), (
+        f"no plaintext of pid {p.pid} captured; {len(log.chunks(pid=p.pid))} chunks; stats {session.stats()}"
+    )
+    exchanges: list = []
+    pipe = Pipeline(emit=exchanges.append)
+    pipe.feed(log.events(pid=p.pid))
+    pipe.close()
+    mine = [x for x in exchanges if any(prompt in (m.content or "") for m in x.request.messages)]
+    assert mine, f"no exchange with the prompt among {[x.summary() for x in exchanges]}"
+    x = mine[-1]
+    print(x.summary())
+    assert x.provider == "anthropic" and x.stream
+    assert x.request.path.startswith("/v1/messages")
+    assert x.model and x.response is not None and x.response.status == 200
+    # the fake echoes the first text block of the last user message (claude may put a reminder before the prompt)
+    assert x.response.text.startswith(answer_text(x.response.model or x.model, ""))
+    assert x.response.text.strip() == out.strip()  # what claude printed is what we captured
+    assert x.usage.input_tokens and x.usage.output_tokens
+    assert all(isinstance(c, TlsChunk) for c in log.chunks(pid=p.pid))
+    # the key was captured (x-api-key), and the redaction every sink applies removes it
+    from llmspyd.sinks.redact import Redactor
+
+    assert "sk-ant-dummy-e2e" in x.model_dump_json()
+    assert "sk-ant-dummy-e2e" not in json.dumps(Redactor()(x.model_dump(mode="json")))
