@@ -226,11 +226,13 @@ def flood(port: int, ca: Path, server_pid: int, size: int, rate: int) -> dict:
     try:
         before = s.stats()
         n = os.cpu_count() or 2
+        cpu0 = time.process_time()
         t0 = time.monotonic()
         clients = [client(port, ca, "flood", size, THROUGHPUT_SECONDS, rate) for _ in range(n)]
         calls = sum(json.loads(c.communicate(timeout=120)[0])["calls"] for c in clients)
         wall = time.monotonic() - t0
         time.sleep(0.5)  # let the reader drain
+        cpu = time.process_time() - cpu0
         st = s.stats()
         rss = rss_anon_kib()
     finally:
@@ -242,10 +244,11 @@ def flood(port: int, ca: Path, server_pid: int, size: int, rate: int) -> dict:
         "mb_s": sink.bytes / wall / 1e6,
         "lost": st["lost_records"] - before["lost_records"],
         "rss_kib": rss,
+        "reader_cpu": cpu / wall,
     }
 
 
-def main() -> None:
+def main(parts: tuple[str, ...] = ("latency", "flood")) -> None:
     if os.geteuid() != 0:
         sys.exit("bench.capture needs root (BPF)")
     tmp = Path(tempfile.mkdtemp(prefix="llmspy-bench-"))
@@ -258,61 +261,72 @@ def main() -> None:
         if others:
             print(f"WARNING: {len(others)} uprobe(s) of other processes on {LIBSSL}: every figure includes them")
         print(f"load average before: {os.getloadavg()[0]:.2f} (figures are only meaningful on an idle machine)")
-        print(f"== capture bench: {os.cpu_count()} CPUs, {LATENCY_CALLS} x {WRITE_BYTES}-byte SSL_write_ex "
+        print(f"== capture bench: {os.cpu_count()} CPUs; latency: {LATENCY_CALLS} x {WRITE_BYTES}-byte SSL_write_ex "
               f"(Python ssl), best of {LATENCY_ROUNDS} interleaved rounds")  # fmt: skip
 
-        empty_obj = compile_empty(tmp)
-        variants = ("no probe", "empty probe (floor)", "llmspyd, batching reader", "llmspyd, reader woken per record")
-        best = dict.fromkeys(variants, float("inf"))
-        captured = dict.fromkeys(variants, 0)
-        lost = dict.fromkeys(variants, 0)
-        # rounds interleave the variants, and the best of each is kept: the machine is shared and noisy
-        for _ in range(LATENCY_ROUNDS):
-            for v in variants:
-                empty = session = None
-                sink = Counter()
-                if v.startswith("empty"):
-                    empty = EmptyProbe(empty_obj)
-                elif v.startswith("llmspyd"):
-                    session = llmspyd_session(sink, server.pid, wakeup_bytes=0 if "woken" in v else None)
-                try:
-                    best[v] = min(best[v], latency_once(port, certs.ca))
-                finally:
-                    if empty:
-                        empty.close()
-                    if session:
-                        time.sleep(0.2)
-                        lost[v] += session.stats()["lost_records"]
-                        session.close()
-                        captured[v] += sink.records
-        none, floor = best["no probe"], best["empty probe (floor)"]
-        print(f"{'no probe:':36}{none:7.2f} us/call")
-        print(f"{'empty probe (floor):':36}{floor:7.2f} us/call = {floor / none:.2f}x no probe")
-        for v in variants[2:]:
-            us = best[v]
-            print(f"{v + ':':36}{us:7.2f} us/call = {us / none:.2f}x no probe, {us / floor:.3f}x the empty probe "
-                  f"(captured {captured[v]} records, lost {lost[v]})")  # fmt: skip
-
-        for size, rates in THROUGHPUT_RATES.items():
-            ok = None
-            for rate in rates:
-                r = flood(port, certs.ca, server.pid, size, rate)
-                print(f"flood {size:>6}-byte writes x {r['clients']} clients at "
-                      f"{'max' if not rate else f'{rate:,}/s each':>12}: {r['calls_s']:,.0f} calls/s; captured "
-                      f"{r['records_s']:,.0f} records/s, {r['mb_s']:,.1f} MB/s plaintext; lost {r['lost']} records; "
-                      f"RssAnon {r['rss_kib'] / 1024:.1f} MiB")  # fmt: skip
-                if r["lost"]:
-                    break
-                ok = r
-            if ok:
-                print(f"=> sustained with ZERO loss, {size}-byte writes: {ok['mb_s']:,.1f} MB/s, "
-                      f"{ok['records_s']:,.0f} events/s")  # fmt: skip
-            else:
-                print(f"=> {size}-byte writes: loss even at the lowest rate tried")
+        if "latency" in parts:
+            run_latency(tmp, port, certs.ca, server.pid)
+        if "flood" in parts:
+            run_flood(port, certs.ca, server.pid)
     finally:
         server.kill()
         server.wait()
 
 
+def run_latency(tmp: Path, port: int, ca: Path, server_pid: int) -> None:
+    """Time per 100-byte SSL_write: no probe, empty probe, llmspyd (two reader modes)."""
+    empty_obj = compile_empty(tmp)
+    variants = ("no probe", "empty probe (floor)", "llmspyd, batching reader", "llmspyd, reader woken per record")
+    best = dict.fromkeys(variants, float("inf"))
+    captured = dict.fromkeys(variants, 0)
+    lost = dict.fromkeys(variants, 0)
+    # rounds interleave the variants, and the best of each is kept: the machine is shared and noisy
+    for _ in range(LATENCY_ROUNDS):
+        for v in variants:
+            empty = session = None
+            sink = Counter()
+            if v.startswith("empty"):
+                empty = EmptyProbe(empty_obj)
+            elif v.startswith("llmspyd"):
+                session = llmspyd_session(sink, server_pid, wakeup_bytes=0 if "woken" in v else None)
+            try:
+                best[v] = min(best[v], latency_once(port, ca))
+            finally:
+                if empty:
+                    empty.close()
+                if session:
+                    time.sleep(0.2)
+                    lost[v] += session.stats()["lost_records"]
+                    session.close()
+                    captured[v] += sink.records
+    none, floor = best["no probe"], best["empty probe (floor)"]
+    print(f"{'no probe:':36}{none:7.2f} us/call")
+    print(f"{'empty probe (floor):':36}{floor:7.2f} us/call = {floor / none:.2f}x no probe")
+    for v in variants[2:]:
+        us = best[v]
+        print(f"{v + ':':36}{us:7.2f} us/call = {us / none:.2f}x no probe, {us / floor:.3f}x the empty probe "
+              f"(captured {captured[v]} records, lost {lost[v]})")  # fmt: skip
+
+
+def run_flood(port: int, ca: Path, server_pid: int) -> None:
+    """Both cores write; raise the rate until the first loss: the last rate without loss is sustained."""
+    for size, rates in THROUGHPUT_RATES.items():
+        ok = None
+        for rate in rates:
+            r = flood(port, ca, server_pid, size, rate)
+            print(f"flood {size:>6}-byte writes x {r['clients']} clients at "
+                  f"{'max' if not rate else f'{rate:,}/s each':>12}: {r['calls_s']:,.0f} calls/s; captured "
+                  f"{r['records_s']:,.0f} records/s, {r['mb_s']:,.1f} MB/s plaintext; lost {r['lost']} records; "
+                  f"reader CPU {r['reader_cpu']:.0%}; RssAnon {r['rss_kib'] / 1024:.1f} MiB")  # fmt: skip
+            if r["lost"]:
+                break
+            ok = r
+        if ok:
+            print(f"=> sustained with ZERO loss, {size}-byte writes: {ok['mb_s']:,.1f} MB/s, "
+                  f"{ok['records_s']:,.0f} events/s")  # fmt: skip
+        else:
+            print(f"=> {size}-byte writes: loss even at the lowest rate tried")
+
+
 if __name__ == "__main__":
-    main()
+    main(tuple(sys.argv[1:]) or ("latency", "flood"))
