@@ -199,6 +199,11 @@ class ExchangeAssembler:
                 return []
             for early in msg.early:
                 self._response_data(msg, early)
+            if msg.resp_head is not None and msg.decoder is not None and msg.acc.done and not ev.missing_bytes:
+                # SDKs stop reading at the stream's own end ([DONE], message_stop, ...) and may close before the
+                # HTTP framing ends (last chunk, END_STREAM): nothing the reader wanted is missing
+                self._count("ended_by_close_after_stream_end")
+                return [self._finish(msg, ev.ts_ns, None, ended=True)]
             detail = f"{ev.reason}: {ev.detail}" if ev.detail else ev.reason
             err = ExchangeError(kind="broken", message=detail)
             return [self._finish(msg, ev.ts_ns, err, missing=ev.missing_bytes, closed_early=ev.reason == "closed")]

@@ -285,3 +285,25 @@ def test_converse_events_wrapped_the_sdk_way() -> None:
     r = run(asm(), exchange("/model/amazon.nova-lite-v1%3A0/converse-stream", "bedrock-runtime.us-east-1.amazonaws.com",
                             b'{"messages": []}', rheaders=SSE, rbody=sse))[0]
     assert (r.response.text, r.response.finish_reason, r.usage.output_tokens, r.error) == ("Hello", "end_turn", 2, None)
+
+
+def test_close_after_the_stream_end_marker_is_a_complete_exchange() -> None:
+    """The SDK read [DONE] and exited before the last HTTP chunk: the exchange lacks nothing."""
+    case = CASES_BY_NAME["openai_chat_stream"]
+    evs = events(case)
+    assert isinstance(evs[-1], ResponseEnd)
+    r = replay(evs[:-1] + [MessageBroken(1, evs[-1].ts_ns, "closed", "connection closed mid-message")])[0]
+    assert r.complete and r.error is None and not r.closed_early
+    assert r.model_dump(mode="json")["response"] == case.expected()["response"]
+
+
+def test_close_before_the_stream_end_marker_is_broken() -> None:
+    case = CASES_BY_NAME["openai_chat_stream"]
+    evs = [e for e in events(case) if not isinstance(e, ResponseEnd)][:-2]
+    r = replay(evs + [MessageBroken(1, evs[-1].ts_ns + 1, "closed")])[0]
+    assert not r.complete and r.error.kind == "broken" and r.closed_early
+
+
+def test_gemini_url_scheme_on_any_host_is_gemini() -> None:
+    det = detect_head("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", "127.0.0.1:8443", JSON)
+    assert (det.provider, det.api, det.model, det.stream_hint) == ("gemini", "streamGenerateContent", "gemini-2.5-flash", True)

@@ -155,7 +155,9 @@ def detect_head(method: str, target: str, authority: str, headers: list[tuple[st
         else:
             fmt = gemini.GenerateContent(method_name)
         stream = method_name == "streamGenerateContent"
-        return Detection(provider or "gemini-compatible", fmt.api, fmt, provider is not None, model, stream)
+        # models/M:generateContent is Google's own URL scheme: a proxy or a test server on another host
+        # still speaks Gemini
+        return Detection(provider or "gemini", fmt.api, fmt, provider is not None, model, stream)
 
     az = _AZURE_DEPLOYMENT.search(path)
     model = urllib.parse.unquote(az.group(1)) if az else None
