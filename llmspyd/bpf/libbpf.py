@@ -561,15 +561,18 @@ class BpfProgram:
         func_name: str | None = None,
         pid: int = -1,
         retprobe: bool = False,
+        cookie: int = 0,
     ) -> Link:
         """Attach to `path` at a function (by name, plus `offset` inside it) or at a FILE offset.
 
         pid -1 traces every process that maps the file, now or later; another pid traces only it.
+        `cookie` is what bpf_get_attach_cookie() returns in the program for this attachment.
         """
         p = os.fspath(path)
         opts = _BpfUprobeOpts()
         opts.sz = ctypes.sizeof(_BpfUprobeOpts)
         opts.retprobe = retprobe
+        opts.bpf_cookie = cookie
         opts.func_name = func_name.encode() if func_name else None
         ptr = _lib().prog_attach_uprobe_opts(self.ptr, pid, p.encode(), offset, ctypes.byref(opts))
         kind = "uretprobe" if retprobe else "uprobe"

@@ -105,7 +105,9 @@ class ProbeManager:
                 try:
                     for off in offsets:
                         for name, ret in probes:
-                            links.append(self._programs[name].attach_uprobe(target.path, offset=off, retprobe=ret))
+                            # the cookie tells shared programs which stack they serve (OpenSSL programs on BoringSSL)
+                            links.append(self._programs[name].attach_uprobe(
+                                target.path, offset=off, retprobe=ret, cookie=int(target.stack)))
                 except (LibbpfError, OSError) as e:
                     log.warning("cannot attach %s in %s: %s", role, target.path, e)
                     for lk in links:

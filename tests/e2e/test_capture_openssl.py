@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 from llmspyd.bpf.abi import CHUNK_MAX, Verdict
-from llmspyd.chunks import ConnClosed, Direction, ProcessExec, ProcessExit
+from llmspyd.chunks import ConnClosed, Direction, ProcessExec, ProcessExit, Stack
 from tests.tlsserver import pattern
 
 pytestmark = pytest.mark.e2e
@@ -108,6 +108,7 @@ def test_python_http_client_exact_with_fd_and_peer(capture, tls_server, tls_env)
     chunks = log.chunks(p.pid, conn)
     assert {c.fd for c in chunks} == {info["fd"]}
     assert all(c.tid > 0 and c.ts_ns > 0 and c.comm.startswith("python") for c in chunks)
+    assert {c.stack for c in chunks} == {Stack.OPENSSL}
 
 
 PY_URLLIB = """
@@ -506,3 +507,34 @@ def test_cgroup_verdict_skips_a_whole_cgroup(capture, tls_server, tls_env):
             client.stdin.close()
             client.wait(timeout=CLIENT_TIMEOUT)
         leaf.rmdir()
+
+
+def test_attach_cookie_names_the_stack(start_capture, tls_server, tls_env):
+    """The OpenSSL programs serve OpenSSL-compatible stacks too; the target's stack reaches every record."""
+    from llmspyd.bpf.probes import openssl_target
+
+    session, log = start_capture(scan=False, poll_ms=50)
+    try:
+        libssl = _python_libssl()
+        target = openssl_target(libssl)
+        target.stack = Stack.BORINGSSL  # as if discovery had found BoringSSL's SSL_* here
+        assert session.probes.attach(target)
+        p = subprocess.run(python_client(PY_URLLIB.format(url=tls_server.url)), env=tls_env, cwd=_repo_root(),
+                           timeout=CLIENT_TIMEOUT, check=True, capture_output=True)
+        assert p.stdout.strip() == b"True"
+        assert log.wait_for(lambda: len(log.events(ConnClosed)) > 0 and log.chunks() != [])
+        assert {c.stack for c in log.chunks()} == {Stack.BORINGSSL}
+        assert {e.stack for e in log.events(ConnClosed)} == {Stack.BORINGSSL}
+    finally:
+        session.close()
+
+
+def _python_libssl() -> str:
+    import ssl  # noqa: F401
+
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and "/libssl.so" in parts[5]:
+                return os.path.realpath(parts[5])
+    pytest.skip("no libssl mapped by Python")
