@@ -71,6 +71,9 @@ def test_detect_head(target, authority, headers, provider, api) -> None:
     ("GET", "/v1/models", JSON),  # listing models is not a model call
     ("POST", "/upload", [("content-type", "multipart/form-data; boundary=x")]),
     ("POST", "/login", [("content-type", "application/x-www-form-urlencoded")]),
+    ("POST", "/v1/messages/count_tokens", JSON),  # generates nothing
+    ("POST", "/v1beta/models/gemini-2.5-pro:countTokens", JSON),
+    ("POST", "/v1/batches", JSON),
 ])
 def test_non_llm_heads_are_dropped_from_the_head(method, target, headers) -> None:
     assert detect_head(method, target, "example.com", headers) is None
@@ -255,7 +258,7 @@ def test_recorded_streams_with_garbage_spliced_in_never_raise(data: st.DataObjec
 
 
 @pytest.mark.parametrize("authority,target", [("api.openai.com", "/v1/models"), ("gpu-box:8000", "/v1/models"),
-                                              ("localhost:11434", "/api/tags")])
+                                              ("localhost:11434", "/api/tags"), ("proxy:8080", "/v1/messages/count_tokens")])
 def test_model_listing_first_does_not_mute_the_connection(authority: str, target: str) -> None:
     """SDKs list models on the connection they then use for the model call."""
     a = asm()

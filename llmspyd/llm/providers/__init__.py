@@ -100,11 +100,14 @@ def is_llm_host(authority: str) -> bool:
 # GET paths of LLM servers that are not model calls (model lists, health): seen first on a
 # connection, they must not get it muted before the model call that follows.
 _METADATA_SUFFIXES = ("/models", "/api/tags", "/api/version", "/api/ps", "/api/show", "/health", "/v1/models/info")
+# POSTs to LLM APIs that generate nothing: token counting, batch management. Not exchanges.
+_NOT_MODEL_CALLS = ("/count_tokens", ":counttokens", "/batches", "/cancel", "/files", "/uploads", "/api/pull",
+                    "/api/push", "/api/create", "/api/copy", "/api/delete")
 
 
 def is_llm_metadata(target: str) -> bool:
     path = target.partition("?")[0].rstrip("/").lower()
-    return path.endswith(_METADATA_SUFFIXES) or "/models/" in path
+    return path.endswith(_METADATA_SUFFIXES) or path.endswith(_NOT_MODEL_CALLS) or "/models/" in path
 
 
 def split_authority(authority: str) -> tuple[str, int | None]:
@@ -135,6 +138,8 @@ def detect_head(method: str, target: str, authority: str, headers: list[tuple[st
     if ctype and "json" not in ctype and not ctype.startswith("text/plain") and "x-amz" not in ctype:
         return None  # multipart uploads, forms, protobuf: not a model call we can read
     lower = path.lower()
+    if lower.endswith(_NOT_MODEL_CALLS):
+        return None
     provider = host_provider
 
     m = _BEDROCK_PATH.search(path)
