@@ -263,11 +263,11 @@ class Pipeline:
             proto = detect_mod.detect_midstream(bytes(conn.held_write), bytes(conn.held_read))
         elif conn.held_write:
             proto = detect_mod.detect(bytes(conn.held_write[: detect_mod.MAX_DETECT_BYTES]))
-        elif len(conn.held_read) > self.limits.max_undetected_read_bytes:
-            proto = detect_mod.UNKNOWN  # the peer talks first: not an HTTP client connection
         else:
             proto = None
-        if proto is None and final:
+        if proto is None and (final or len(conn.held_read) > self.limits.max_undetected_read_bytes):
+            # the peer talks first or keeps talking while the client's first line never completes:
+            # not an HTTP client connection (and the held bytes must stay bounded)
             proto = detect_mod.UNKNOWN
         if proto is None:
             return

@@ -338,3 +338,9 @@ def test_real_assembler_anthropic_stream_over_h2():
     (ex,) = emitted
     assert ex.provider == "anthropic" and ex.stream and ex.complete
     assert ex.response.text == "Hello" and ex.usage.output_tokens == 2 and ex.ttft_ms is not None
+
+
+def test_undecided_write_with_a_chatty_peer_stays_bounded():
+    p, _, muted = make(limits=PipelineLimits(max_undetected_read_bytes=100))
+    p.feed(chunks([(W, b"GET /never-ending-line", 1)] + [(R, b"x" * 60, 2 + i) for i in range(3)]))
+    assert p.counters["unknown_protocol"] == 1 and muted
