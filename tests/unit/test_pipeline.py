@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmspyd.chunks import ConnClosed, ConnKey, Direction, Peer, ProcessExec, ProcessExit, Stack, TlsChunk
 from llmspyd.pipeline import Pipeline, PipelineLimits
 from llmspyd.process import ProcessInfo
 from llmspyd.protocols.events import ConnectionInfo, MessageBroken, ResponseEnd
 from llmspyd.protocols.http1 import Http1Connection
-from tests.unit.httpwire import R, W, H2Pair, normalize, replay
+from tests.unit.httpwire import R, W, H2Pair, normalize, replay, split_at
 
 PID = 4242
 
@@ -344,3 +346,40 @@ def test_undecided_write_with_a_chatty_peer_stays_bounded():
     p, _, muted = make(limits=PipelineLimits(max_undetected_read_bytes=100))
     p.feed(chunks([(W, b"GET /never-ending-line", 1)] + [(R, b"x" * 60, 2 + i) for i in range(3)]))
     assert p.counters["unknown_protocol"] == 1 and muted
+
+
+def _h2_rec():
+    h2p = H2Pair()
+    sids = [h2p.request(f"/s{i}", b"q" * (100 * i)) for i in range(3)]
+    for sid in sids:
+        h2p.respond(sid, 200, [b"event %d\n\n" % k for k in range(3)])
+    return h2p.rec
+
+
+H2_REC = _h2_rec()
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts1=st.lists(st.integers(1, 400), max_size=15), cuts2=st.lists(st.integers(1, 3000), max_size=25),
+       batch=st.integers(1, 20), seed=st.integers(0, 10**6))
+def test_two_connections_any_cuts_any_batches_same_events(cuts1, cuts2, batch, seed):
+    """Chunks cut anywhere, two connections interleaved, any batch size: each assembler sees the same events."""
+    import random
+
+    def run(c1, c2, b):
+        Collector.instances = []
+        p, _, _ = make()
+        rng = random.Random(seed)
+        a, h = list(c1), list(c2)
+        merged = []
+        while a or h:  # interleave the connections randomly, keeping each one's order
+            src = a if (a and (not h or rng.random() < 0.5)) else h
+            merged.append(src.pop(0))
+        for i in range(0, len(merged), b):
+            p.feed(merged[i:i + b])
+        p.close()
+        return {asm.ctx.conn: normalize(asm.events) for asm in Collector.instances}
+
+    reference = run(chunks(H1, conn=1), chunks(H2_REC, conn=2), 1000)
+    got = run(chunks(split_at(H1, cuts1), conn=1), chunks(split_at(H2_REC, cuts2), conn=2), batch)
+    assert got == reference
