@@ -27,6 +27,12 @@ DEFAULT_RING_BYTES = 8 << 20
 MIN_RING_BYTES = 4096
 
 
+def all_objects() -> list[str]:
+    """Every shipped object, process.bpf.o first (the first object to declare a shared map owns it)."""
+    names = sorted(p.name for p in objects_dir().glob("*.bpf.o"))
+    return sorted(names, key=lambda n: n != "process.bpf.o")
+
+
 def check_ring_size(n: int) -> int:
     if n < MIN_RING_BYTES or n & (n - 1):
         raise ValueError(f"ring size {n} must be a power of two of at least {MIN_RING_BYTES} bytes")
@@ -39,13 +45,15 @@ class CaptureSession:
     wakeup_bytes 0 wakes the reader per record (lowest latency); N lets records wait in the ring until N
     bytes are there or the reader's poll timer fires (cheapest for the traced processes).
     default_verdict SKIP traces only processes given TRACE with probes.set_pid_verdict / set_cgroup_verdict.
+    full_discovery: every stack (llmspyd.discovery.execwatch, all objects) instead of OpenSSL only; then
+    `self.watcher` is the ExecWatcher, and `self.scanner` is still there for explicit OpenSSL files.
     """
 
     def __init__(
         self,
         sink: Callable[[list[CaptureEvent]], None],
         *,
-        objects: Sequence[str] = OPENSSL_OBJECTS,
+        objects: Sequence[str] | None = None,
         ring_bytes: int = DEFAULT_RING_BYTES,
         max_call_bytes: int = 0,
         wakeup_bytes: int | None = None,
@@ -53,8 +61,11 @@ class CaptureSession:
         self_tgid: int | None = None,
         default_verdict: int = Verdict.TRACE,
         scan: bool = True,
+        full_discovery: bool = False,
     ) -> None:
         self._sink = sink
+        if objects is None:
+            objects = all_objects() if full_discovery else OPENSSL_OBJECTS
         self.ring_bytes = check_ring_size(ring_bytes)
         if wakeup_bytes is None:
             wakeup_bytes = ring_bytes // 4
@@ -71,6 +82,11 @@ class CaptureSession:
         )
         self.probes = ProbeManager(self.objects)
         self.scanner = OpenSslScanner(self.probes)
+        self.watcher = None
+        if full_discovery:
+            from llmspyd.discovery.execwatch import ExecWatcher
+
+            self.watcher = ExecWatcher.for_probes(self.probes)
         self.reader = RingReader(self.objects.map("rb"), self._on_batch, poll_ms=poll_ms)
         self._scan = scan
 
@@ -78,9 +94,10 @@ class CaptureSession:
         try:
             self.probes.attach_global()
             self.reader.start()
-            if self._scan:
-                n = self.scanner.scan_all()
-                log.info("attached to %d OpenSSL file(s)", n)
+            if self._scan and self.watcher is not None:
+                log.info("probing %d file(s)", self.watcher.scan_all())
+            elif self._scan:
+                log.info("attached to %d OpenSSL file(s)", self.scanner.scan_all())
         except BaseException:
             self.close()
             raise
@@ -88,7 +105,9 @@ class CaptureSession:
 
     def _on_batch(self, events: list[CaptureEvent]) -> None:
         for ev in events:
-            if isinstance(ev, ProcessExec):
+            if self.watcher is not None:
+                self.watcher.on_event(ev)
+            elif isinstance(ev, ProcessExec):
                 self.scanner.on_exec(ev.pid)
         self._sink(events)
 
@@ -96,6 +115,8 @@ class CaptureSession:
         return self.probes.stats()
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.close()
         self.scanner.close()
         self.probes.close()
         self.reader.stop()

@@ -1,7 +1,8 @@
 """`llmspy sniff`: print captured TLS plaintext live, for a person or (--json) one object per chunk.
 
-Runs on its own: loads the probes, attaches to every OpenSSL it finds (and to new executables as they
-start), prints, and on exit reports what the kernel counted as lost. A --pid filter is applied in the
+Runs on its own: loads the probes, attaches to every TLS stack discovery finds (OpenSSL, GnuTLS, Go,
+BoringSSL; --openssl-only for OpenSSL alone) now and in processes started later, prints, and on exit reports
+what the kernel counted as lost. A --pid filter is applied in the
 kernel (other processes cost only the probe trap); --exe and --comm are applied here.
 """
 
@@ -206,6 +207,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=_size, default=0,
                    help="capture at most this many bytes per TLS call, 0 = all (default: 0)")  # fmt: skip
     p.add_argument("--lib", action="append", default=[], help="also probe this OpenSSL library or executable")
+    p.add_argument("--openssl-only", action="store_true",
+                   help="probe OpenSSL only (libssl and executables exporting SSL_*), not GnuTLS, Go, BoringSSL")  # fmt: skip
     p.add_argument("--full", action="store_true", help="print whole chunks, not the first %d bytes" % PREVIEW_BYTES)
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: until Ctrl-C)")
 
@@ -234,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             ring_bytes=args.ring_size,
             max_call_bytes=args.max_bytes,
             default_verdict=Verdict.SKIP if args.pid else Verdict.TRACE,
+            full_discovery=not args.openssl_only,
         )
     except (OSError, ValueError) as e:
         printer.note(f"cannot load the probes: {e}")
