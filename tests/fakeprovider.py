@@ -501,7 +501,14 @@ def bedrock(model_id: str, op: str, req: dict) -> Reply:
                 msgs.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"toolUse": {"input": p}}}))
             stop = "tool_use"
         else:
-            for p in _pieces(text):
+            for i, p in enumerate(_pieces(text)):
+                if model_id == "error-stream" and i == 2:  # AWS exception frame mid-stream, then the stream ends
+                    chunks = [encode_message({":event-type": et, ":content-type": "application/json",
+                                              ":message-type": "event"}, _j(body).encode()) for et, body in msgs]
+                    chunks.append(encode_message({":exception-type": "throttlingException",
+                                                  ":content-type": "application/json", ":message-type": "exception"},
+                                                 b'{"message":"Too many requests, please wait before trying again."}'))
+                    return Reply(200, [("content-type", "application/vnd.amazon.eventstream")] + extra, chunks)
                 msgs.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": p}}))
         msgs += [("contentBlockStop", {"contentBlockIndex": 0}), ("messageStop", {"stopReason": stop}),
                  ("metadata", {"usage": usage, "metrics": {"latencyMs": 389}})]

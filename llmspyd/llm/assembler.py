@@ -405,6 +405,10 @@ class ExchangeAssembler:
             error = acc.error.model_copy(update={"status": status})
         if error is None and status is not None and status >= 400:
             error = ExchangeError(kind="http_error", status=status, message=(raw_resp or "")[:2000])
+        if error is not None and error.type is None and rh is not None:
+            for k, v in rh.headers:
+                if k == "x-amzn-errortype":  # AWS: "ValidationException:http://internal.amazon.com/..."
+                    error.type = v.split(":", 1)[0]
         if error is None and msg.request_error and rh is None:
             error = ExchangeError(kind="parse_error", message=msg.request_error)
 

@@ -262,6 +262,10 @@ def ollama_cases() -> None:
     _direct("ollama_chat", "Ollama /api/chat with stream=false", base + "/api/chat", OLLAMA_HEADERS, dict(chat, stream=False))
     _direct("ollama_generate_stream", "Ollama /api/generate NDJSON stream", base + "/api/generate", OLLAMA_HEADERS,
             {"model": "llama3.2", "prompt": "Say hello.", "system": "You are a terse assistant.", "stream": True})
+    _direct("ollama_generate", "Ollama /api/generate with stream=false", base + "/api/generate", OLLAMA_HEADERS,
+            {"model": "llama3.2", "prompt": "Say hello.", "stream": False, "options": {"num_predict": 64}})
+    _direct("ollama_error_404", "Ollama error body for an unknown model", base + "/api/chat", OLLAMA_HEADERS,
+            {"model": "error-400", "messages": [{"role": "user", "content": "hi"}]})
     _direct("ollama_chat_tools", "Ollama /api/chat answering with tool_calls", base + "/api/chat", OLLAMA_HEADERS,
             {"model": "llama3.2", "messages": [{"role": "user", "content": "Weather in Paris?"}], "stream": False,
              "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
@@ -288,6 +292,10 @@ def bedrock_cases() -> None:
     tools["messages"] = [{"role": "user", "content": [{"text": "Weather in Paris?"}]}]
     _direct("bedrock_converse_tools_stream", "Bedrock ConverseStream answering with toolUse (contentBlockStart, input deltas)",
             f"https://{host}/model/{enc}/converse-stream", hdrs, tools)
+    _direct("bedrock_error_400", "Bedrock ValidationException (JSON body with message, x-amzn-errortype header)",
+            f"https://{host}/model/error-400/converse", hdrs, conv)
+    _direct("bedrock_converse_stream_exception", "ConverseStream with a throttlingException frame mid-stream",
+            f"https://{host}/model/error-stream/converse-stream", hdrs, conv)
     claude = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 256, "system": "You are a terse assistant.",
               "messages": [{"role": "user", "content": "Say hello."}]}
     _direct("bedrock_invoke_stream", "Bedrock InvokeModelWithResponseStream (Claude): base64 Anthropic events in chunks",
