@@ -236,7 +236,7 @@ def test_process_started_after_capture_is_captured(start_capture, tls_server, tl
     node = _node()
     session, log = start_capture(scan=False, poll_ms=50)
     try:
-        p = subprocess.Popen([node, "-e", NODE_FETCH.format(url=tls_server.url, delay_ms=500)], env=tls_env,
+        p = subprocess.Popen([node, "-e", NODE_FETCH.format(url=tls_server.url, delay_ms=1000)], env=tls_env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = p.communicate(timeout=CLIENT_TIMEOUT)
         assert p.returncode == 0, err
