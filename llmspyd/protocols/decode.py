@@ -23,12 +23,20 @@ SUPPORTED = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd"})
 
 
 def parse_content_encoding(headers: list[tuple[str, str]]) -> list[str]:
-    """Codings in the order they were applied, identity dropped."""
-    codings: list[str] = []
+    """Codings in the order they were applied, identity dropped.
+
+    Content-Encoding first, then any Transfer-Encoding other than chunked
+    (`Transfer-Encoding: gzip, chunked` is rare but legal HTTP/1.1; chunked
+    framing itself is undone by the HTTP/1 parser).
+    """
+    content: list[str] = []
+    transfer: list[str] = []
     for name, value in headers:
         if name == "content-encoding":
-            codings += [c.strip().lower() for c in value.split(",") if c.strip()]
-    return [c for c in codings if c != "identity"]
+            content += [c.strip().lower() for c in value.split(",") if c.strip()]
+        elif name == "transfer-encoding":
+            transfer += [c.strip().lower() for c in value.split(",") if c.strip()]
+    return [c for c in content + transfer if c not in ("identity", "chunked")]
 
 
 class _Step:

@@ -82,3 +82,9 @@ def test_decompression_bomb_is_stopped(coding, monkeypatch):
     dec = BodyDecoder([coding])
     with pytest.raises(DecodeError, match="exceeds"):
         _run(dec, bomb, 4096)
+
+
+def test_transfer_codings_other_than_chunked_are_undone_after_content_codings():
+    headers = [("content-encoding", "br"), ("transfer-encoding", "gzip, chunked")]
+    assert parse_content_encoding(headers) == ["br", "gzip"]
+    assert _run(decoder_for(headers), gzip.compress(brotli.compress(RAW)), 33) == RAW

@@ -367,3 +367,10 @@ def test_error_details_never_quote_captured_bytes():
                  b"GET /v1/models?key=AIzaSECRET HTTP/9\r\n\r\n"):
         ev = Http1Connection().receive(W, head, 1)
         assert isinstance(ev[-1], MessageBroken) and "SECRET" not in ev[-1].detail
+
+
+def test_transfer_encoding_gzip_chunked_response():
+    enc = gzip.compress(b"streamed " * 50)
+    rec = [(W, b"GET / HTTP/1.1\r\n\r\n", 1),
+           (R, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n" % len(enc) + enc + b"\r\n0\r\n\r\n", 2)]
+    assert body(flat(tr(Http1Connection, rec)), 1, ResponseData) == b"streamed " * 50
