@@ -20,8 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
-import threading
 import time
 from pathlib import Path
 

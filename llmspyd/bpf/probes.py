@@ -3,7 +3,7 @@
 A Target (llmspyd.discovery.target) names one file and the FILE offsets of each role in it. Attaching is per
 file, keyed by (dev, ino): one attach covers every process that maps the file, including ones started later.
 
-Also a first OpenSSL finder (`openssl_target`, `scan_openssl_targets`) that the full discovery scanner
+Also a first OpenSSL finder (`openssl_target`, `OpenSslScanner`) that the full discovery scanner
 (llmspyd.discovery) replaces; issue 2 needs it to capture anything at all.
 """
 
