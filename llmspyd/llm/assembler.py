@@ -123,14 +123,18 @@ class ExchangeAssembler:
             msg = self._msgs.pop(getattr(ev, "msg", -1), None)
             if msg is None:
                 return []
-            return [self._finish(msg, getattr(ev, "ts_ns", msg.last_ns), ExchangeError(
-                kind="parse_error", message=f"internal error: {type(e).__name__}: {e}"))]
+            try:
+                return [self._finish(msg, getattr(ev, "ts_ns", msg.last_ns), ExchangeError(
+                    kind="parse_error", message=f"internal error: {type(e).__name__}: {e}"))]
+            except Exception:
+                self._count("internal_errors")
+                return []
 
     def on_close(self, ts_ns: int) -> list[LlmExchange]:
         out = []
         for msg in list(self._msgs.values()):
             try:
-                if msg.parsed is None and not self._request_done(msg):
+                if msg.parsed is None and not self._request_ready(msg):
                     continue
                 if msg.resp_head is None:
                     err = ExchangeError(kind="no_response", message="connection closed before a response")
@@ -166,13 +170,10 @@ class ExchangeAssembler:
             self._request_data(msg, ev.data)
         elif isinstance(ev, RequestEnd):
             msg.req_end_ns = ev.ts_ns
-            if not self._request_done(msg):
+            if not self._request_ready(msg):
                 del self._msgs[mid]
                 self._ignored.add(mid)
                 return []
-            for early in msg.early:
-                self._response_data(msg, early)
-            msg.early.clear()
         elif isinstance(ev, ResponseHead):
             msg.resp_head = ev
             self._pick_decoder(msg)
@@ -188,17 +189,13 @@ class ExchangeAssembler:
                 self._response_data(msg, ev)
         elif isinstance(ev, ResponseEnd):
             del self._msgs[mid]
-            if msg.parsed is None and not self._request_done(msg):
+            if msg.parsed is None and not self._request_ready(msg):
                 return []
-            for early in msg.early:
-                self._response_data(msg, early)
             return [self._finish(msg, ev.ts_ns, None, ended=True)]
         elif isinstance(ev, MessageBroken):
             del self._msgs[mid]
-            if msg.parsed is None and not self._request_done(msg):
+            if msg.parsed is None and not self._request_ready(msg):
                 return []
-            for early in msg.early:
-                self._response_data(msg, early)
             if msg.resp_head is not None and msg.decoder is not None and msg.acc.done and not ev.missing_bytes:
                 # SDKs stop reading at the stream's own end ([DONE], message_stop, ...) and may close before the
                 # HTTP framing ends (last chunk, END_STREAM): nothing the reader wanted is missing
@@ -273,6 +270,17 @@ class ExchangeAssembler:
             msg.parsed.model = det.model
         if msg.parsed.stream is None:
             msg.parsed.stream = det.stream_hint
+        return True
+
+    def _request_ready(self, msg: _Msg) -> bool:
+        """The request is as complete as it will be: parse it, then decode any response bytes held for it."""
+        if not self._request_done(msg):
+            return False
+        if msg.resp_head is not None:
+            self._pick_decoder(msg)  # again: the body may have changed the format (or said stream=true)
+        early, msg.early = msg.early, []
+        for ev in early:
+            self._response_data(msg, ev)
         return True
 
     def _drop_late(self, msg: _Msg) -> None:

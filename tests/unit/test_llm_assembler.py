@@ -310,3 +310,15 @@ def test_close_before_the_stream_end_marker_is_broken() -> None:
 def test_gemini_url_scheme_on_any_host_is_gemini() -> None:
     det = detect_head("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", "127.0.0.1:8443", JSON)
     assert (det.provider, det.api, det.model, det.stream_hint) == ("gemini", "streamGenerateContent", "gemini-2.5-flash", True)
+
+
+def test_stream_before_request_end_on_a_body_detected_api() -> None:
+    """h2 lets the answer start before the request ends; the format is only known from the body."""
+    sse = (b'data: {"choices":[{"index":0,"delta":{"content":"he"}}]}\n\n'
+           b'data: {"choices":[{"index":0,"delta":{"content":"llo"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    evs = exchange("/gw/run", "gw.example", CHAT, rheaders=SSE, rbody=sse)
+    order = [evs[0], evs[1], evs[3], evs[4], evs[2], evs[5]]  # head, data, RESPONSE head+data, request end, end
+    r = run(asm(), order)[0]
+    assert (r.provider, r.api, r.response.text, r.stream, r.error) == ("openai-compatible", "chat.completions", "hello",
+                                                                         True, None)
+    assert r.timing.first_token_ns == 30  # the time the delta arrived, not when it was decoded
