@@ -371,7 +371,7 @@ class ExchangeAssembler:
         acc = msg.acc
         rh = msg.resp_head
         status = rh.status if rh else None
-        stream = msg.decoder is not None or bool(parsed.stream and rh is None)
+        stream = msg.decoder is not None or bool(parsed.stream)  # asked for, even if an error answered it
         resp_rec: ResponseRecord | None = None
         raw_resp: str | None = None
         resp_truncated = msg.resp_cut
