@@ -28,10 +28,12 @@ and their probes are attached when they are done.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import heapq
 import itertools
 import logging
 import os
+import multiprocessing
 import queue
 import threading
 import time
@@ -39,9 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from llmspyd.chunks import ProcessExec, ProcessExit
+from llmspyd.chunks import ProcessExec, ProcessExit, Stack
 from llmspyd.discovery import ldso, procmaps
-from llmspyd.discovery.scanner import FileVerdict, ProcessCoverage, Scanner
+from llmspyd.discovery.scanner import FileVerdict, ProcessCoverage, Scanner, analyse_isolated
 from llmspyd.discovery.target import Target, Uncovered
 from llmspyd.process import read_process
 
@@ -56,6 +58,9 @@ DLOPEN_LIKELY = ("libssl.so.3", "libssl.so.1.1", "libgnutls.so.30")
 # threads for the slow finders (Go, stripped BoringSSL): two, so that a Go client's analysis (~1 s at worst)
 # does not queue behind a 245 MB Bun binary's (seconds)
 SLOW_WORKERS = 2
+# a slow analysis that takes longer than this is given up (the file is reported uncovered): a 245 MB Bun
+# binary takes a few seconds here
+SLOW_TIMEOUT_S = 120.0
 # every process is re-read this often: catches anything an event missed (lost exec records) and replaced files
 SWEEP_INTERVAL_S = 10.0
 # attach failures are retried this many times (a path may vanish between the scan and the attach)
@@ -97,6 +102,7 @@ class ExecWatcher:
         rescan_delays: tuple[float, ...] = RESCAN_DELAYS,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         on_attached: Callable[[int, Target, list[str], float], None] | None = None,
+        isolate_slow: bool = True,
     ) -> None:
         self._attach = attach
         self._detach = detach
@@ -118,6 +124,9 @@ class ExecWatcher:
         self._slow_threads: list[threading.Thread] = []
         self._slow: queue.Queue[tuple[int, procmaps.OpenedFile] | None] = queue.Queue()
         self._slow_pending: dict[tuple[int, int], list[int]] = {}  # file key -> pids waiting for its verdict
+        # slow finders run in worker processes unless the scanner carries in-process (test) finders
+        self._isolate = isolate_slow and not self.scanner.custom_finders
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._stop = False
         self.counters = {"execs": 0, "exits": 0, "scans": 0, "attached": 0, "attach_failed": 0, "predicted": 0,
                          "replaced": 0, "out_of_scope": 0, "exec_work_ms": 0.0, "exec_work_max_ms": 0.0}
@@ -188,6 +197,8 @@ class ExecWatcher:
                 return
             self._thread = threading.Thread(target=self._run, name="llmspy-discovery", daemon=True)
             self._thread.start()
+            if self._isolate:
+                self._pool = _new_pool()
             for i in range(SLOW_WORKERS):
                 t = threading.Thread(target=self._run_slow, name=f"llmspy-discovery-slow{i}", daemon=True)
                 t.start()
@@ -203,6 +214,8 @@ class ExecWatcher:
         for t in threads:
             if t is not None and t is not threading.current_thread():
                 t.join(timeout=5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def idle(self) -> bool:
         """No work due now (for tests and the bench: wait until the exec work is done)."""
@@ -225,8 +238,29 @@ class ExecWatcher:
                 with self._lock:
                     self._slow_pending.pop(opened.key, None)
 
+    def _slow_analyse(self, opened: procmaps.OpenedFile) -> FileVerdict:
+        pool = self._pool
+        if pool is None:
+            return self.scanner.analyse(opened, heavy=True)[0]
+        try:
+            v = pool.submit(analyse_isolated, opened).result(timeout=SLOW_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            v = FileVerdict(key=opened.key, path=opened.path, note="analysis timed out")
+            v.uncovered = Uncovered(opened.path, opened.dev, opened.ino, Stack.UNKNOWN,
+                                    f"analysis took longer than {SLOW_TIMEOUT_S:.0f} s")
+        except concurrent.futures.process.BrokenProcessPool as e:
+            # the worker died on this file (a finder crashed): report the file, start a fresh pool
+            with self._cond:
+                if self._pool is pool and not self._stop:
+                    self._pool = _new_pool()
+            pool.shutdown(wait=False, cancel_futures=True)
+            v = FileVerdict(key=opened.key, path=opened.path, note="analysis crashed")
+            v.uncovered = Uncovered(opened.path, opened.dev, opened.ino, Stack.UNKNOWN, f"analysis crashed: {e}")
+        self.scanner.store(opened, v)
+        return v
+
     def _slow_one(self, pid: int, opened: procmaps.OpenedFile) -> None:
-        v, _ = self.scanner.analyse(opened, heavy=True)
+        v = self._slow_analyse(opened)
         target = replace(v.target, path=opened.path) if v.target is not None else None
         with self._lock:
             pids = list(self._slow_pending.get(opened.key, [pid]))
@@ -493,6 +527,12 @@ class ExecWatcher:
             "attach_failures": {f"{k[0]}:{k[1]}": err for k, (_, err) in failed.items()},
             "counters": dict(self.counters) | dict(self.scanner.counters),
         }
+
+
+def _new_pool() -> concurrent.futures.ProcessPoolExecutor:
+    # forkserver: workers fork from a clean server process, never from this multi-threaded daemon
+    ctx = multiprocessing.get_context("forkserver")
+    return concurrent.futures.ProcessPoolExecutor(max_workers=SLOW_WORKERS, mp_context=ctx)
 
 
 def _ns_path_of(pid: int, t: Target) -> str:

@@ -136,6 +136,8 @@ class Scanner:
 
     def __init__(self, *, go_finder: Finder | None = None, boring_finder: Finder | None = None,
                  load_optional: bool = True) -> None:
+        # finders given by the caller (tests) live in this process only: they cannot run in an isolated one
+        self.custom_finders = go_finder is not None or boring_finder is not None or not load_optional
         if load_optional:
             go, boring = _optional_finders()
             go_finder = go_finder or go
@@ -182,6 +184,13 @@ class Scanner:
         if v.target or v.uncovered:
             log.debug("%s: %s in %.1f ms", f.path, v.stack.name, v.scan_s * 1e3)
         return v, True
+
+    def store(self, f: procmaps.OpenedFile, v: FileVerdict) -> None:
+        """Cache a verdict computed elsewhere (analyse_isolated in a worker process)."""
+        with self._lock:
+            self._cache[(f.dev, f.ino, f.size, f.mtime_ns)] = v
+            self.counters["files_analysed"] += 1
+            self.counters["analysis_s"] += v.scan_s
 
     def _analyse(self, f: procmaps.OpenedFile, heavy: bool = True) -> FileVerdict:
         v = FileVerdict(key=f.key, path=f.path)
@@ -320,6 +329,19 @@ class Scanner:
     def verdicts(self) -> list[FileVerdict]:
         with self._lock:
             return [v for v in self._cache.values() if v.target or v.uncovered]
+
+
+_child_scanner: Scanner | None = None
+
+
+def analyse_isolated(f: procmaps.OpenedFile) -> FileVerdict:
+    """Entry point of the analysis worker process: the slow finders run there, away from the daemon's GIL
+    (a pure-Python code scan of a 245 MB binary would otherwise stall exec-time work) and its address space."""
+    global _child_scanner
+    if _child_scanner is None:
+        _child_scanner = Scanner()
+    v, _ = _child_scanner.analyse(f, heavy=True)
+    return v
 
 
 def _has_rw(found: dict[str, Any], prefix: str) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmspyd.chunks import ProcessExec, ProcessExit, Stack
-from llmspyd.discovery import execwatch
+from llmspyd.discovery import execwatch, procmaps
 from llmspyd.discovery.execwatch import ExecWatcher
 from llmspyd.discovery.scanner import Scanner
 from llmspyd.discovery.target import Target
@@ -277,3 +277,32 @@ def test_slow_analysis_never_delays_exec_work(tmp_path: Path, rec: Recorder) -> 
             if p is not None:
                 p.kill()
                 p.wait()
+
+
+def test_go_binary_analysed_in_isolated_worker_process(tmp_path: Path, rec: Recorder) -> None:
+    """The real Go finder runs in a worker process (no GIL contention with exec work) and its target is attached."""
+    import socket
+
+    scanner = Scanner()
+    if scanner.go_finder is None:
+        pytest.skip("golang finder not importable")
+    go_bin = bins.go_build(tmp_path, "go_tls", bins.GO_TLS_PROGRAM, [])
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)  # accepts the TCP connection and never answers the handshake: the client waits in tls.Dial
+    w = ExecWatcher(rec, scanner=scanner, rescan_delays=FAST, sweep_interval_s=3600)
+    p = subprocess.Popen([go_bin, f"127.0.0.1:{srv.getsockname()[1]}"], stdout=subprocess.DEVNULL)
+    try:
+        w.on_exec(p.pid)
+        assert w._pool is not None  # isolated: default finders
+        assert wait_for(lambda: key_of(go_bin) in rec.keys(), 60)
+        t = next(t for t in rec.targets if t.key == key_of(go_bin))
+        assert t.stack == Stack.GOTLS and "go_read_ret" in t.offsets and t.how.startswith("symtab")
+        assert key_of(go_bin) in w.coverage()[p.pid].targets
+        opened = procmaps.open_in_root(os.getpid(), go_bin)
+        assert opened is not None and w.scanner.cached(opened) is not None  # the verdict came back to the cache
+    finally:
+        w.close()
+        p.kill()
+        p.wait()
+        srv.close()
