@@ -37,6 +37,9 @@ MAX_CHUNK_LINE = 4 * 1024
 # Client bytes held after an Upgrade/CONNECT request until the server's answer
 # says whether they are HTTP (refused) or tunnel bytes (accepted).
 MAX_UPGRADE_HOLD = 1024 * 1024
+# Response bytes kept while waiting for the request they answer, when that
+# request's record comes late (a 150 KB upload answered by a small error fits).
+MAX_RESPONSE_WAIT_BYTES = 256 * 1024
 # While re-synchronising, the unmatched tail kept across feeds: enough to hold a
 # message-start line split between two feeds.
 RESYNC_KEEP = 8 * 1024
@@ -244,6 +247,8 @@ class Http1Connection:
 
     def close(self, ts_ns: int) -> list[HttpEvent]:
         """The connection ended: a response without length ends here, anything else is cut."""
+        if self._resp.state == _HEAD and _HEAD_END.search(self._resp.buf):
+            self.counters["orphan_responses"] += 1  # waited for a request that never came
         for r in (self._req, self._resp):
             if r.state == _UNTIL_CLOSE and r.msg is not None:
                 r.msg.response_end(ts_ns)
@@ -275,6 +280,22 @@ class Http1Connection:
         r.state = _RESYNC
         r.msg = None
         r.scan = 0
+
+    def _should_wait_for_request(self, r: _Reader) -> bool:
+        """A complete response head but no request seen, and no sign that one was lost: the
+        request's record is probably just late (records of two threads can reach the ring
+        buffer out of order). Keep the bytes until it comes, within a bound."""
+        if self._pending or self._resp_after_gap or self._req.lost_gap or self._req.state == _RESYNC:
+            return False
+        if len(r.buf) > MAX_RESPONSE_WAIT_BYTES:
+            return False  # give up: it is parsed as an orphan
+        return True
+
+    def _request_arrived(self, ts: int) -> None:
+        """A request was read whole: a response head waiting for it can be read now."""
+        r = self._resp
+        if r.state == _HEAD and r.buf:
+            self._run(r, ts)
 
     def _take_response_slot(self, ts_ns: int) -> Msg | None:
         """The request a response starting at ts_ns answers; None for an orphan response."""
@@ -352,6 +373,9 @@ class Http1Connection:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise LimitExceeded(f"message head longer than {MAX_HEAD_BYTES} bytes")
                 r.scan = max(0, len(buf) - 3)
+                return False
+            if not r.is_request and self._should_wait_for_request(r):
+                r.scan = m.start()
                 return False
             head = bytes(buf[: m.start()])
             del buf[: m.end()]
@@ -565,6 +589,7 @@ class Http1Connection:
             msg.request_end(ts, trailers)
             if self._hold_for is msg:
                 r.state = _HOLD  # until the server accepts (tunnel) or refuses (HTTP again)
+            self._request_arrived(ts)
         else:
             msg.response_end(ts, trailers)
             self._release_hold(msg, ts)

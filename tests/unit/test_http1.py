@@ -374,3 +374,21 @@ def test_transfer_encoding_gzip_chunked_response():
     rec = [(W, b"GET / HTTP/1.1\r\n\r\n", 1),
            (R, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n" % len(enc) + enc + b"\r\n0\r\n\r\n", 2)]
     assert body(flat(tr(Http1Connection, rec)), 1, ResponseData) == b"streamed " * 50
+
+
+def test_response_record_before_its_late_request_record_still_matches():
+    """Two threads' records can reach the ring out of order: the response waits for its request."""
+    conn = Http1Connection()
+    ev = conn.receive(R, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 20)
+    assert ev == []
+    ev += conn.receive(W, b"POST /v1/x HTTP/1.1\r\nContent-Length: 3\r\n\r\n", 10)
+    ev += conn.receive(W, b"abc", 11)
+    assert kinds(ev) == FULL and body(ev, 1, ResponseData) == b"ok"
+    assert conn.counters["orphan_responses"] == 0
+
+
+def test_a_response_nobody_asked_for_is_counted_at_close():
+    conn = Http1Connection()
+    ev = conn.receive(R, b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n", 5)
+    ev += conn.close(6)
+    assert ev == [] and conn.counters["orphan_responses"] == 1
