@@ -103,8 +103,10 @@ def _tokens(text: str) -> int:
 
 
 def _openai_error(message: str, status: int = 400) -> Reply:
-    return _json_reply({"error": {"message": message, "type": "invalid_request_error", "param": "model",
-                                  "code": "model_not_found"}}, status)
+    return _json_reply(
+        {"error": {"message": message, "type": "invalid_request_error", "param": "model", "code": "model_not_found"}},
+        status,
+    )
 
 
 def _has_tool_result(messages: Any) -> bool:
@@ -143,20 +145,43 @@ def openai_chat(req: dict) -> Reply:
     else:
         message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
         finish, out_tokens = "stop", _tokens(text)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": out_tokens, "total_tokens": prompt_tokens + out_tokens,
-             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
-                                           "rejected_prediction_tokens": 0}}
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": out_tokens,
+        "total_tokens": prompt_tokens + out_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
     if not req.get("stream"):
-        return _json_reply({"id": cid, "object": "chat.completion", "created": CREATED, "model": model,
-                            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                            "usage": usage, "service_tier": "default", "system_fingerprint": fp})
+        return _json_reply(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": CREATED,
+                "model": model,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                "usage": usage,
+                "service_tier": "default",
+                "system_fingerprint": fp,
+            }
+        )
     include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
 
     def chunk(delta: dict, finish_reason: str | None = None, **extra: Any) -> dict:
-        c = {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
-             "service_tier": "default", "system_fingerprint": fp,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        c = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": CREATED,
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": fp,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
         if include_usage:
             c["usage"] = None
         c.update(extra)
@@ -167,23 +192,64 @@ def openai_chat(req: dict) -> Reply:
         for p in _pieces(REASONING):
             events.append((None, chunk({"role": "assistant", "content": None, "reasoning_content": p})))
     if tool:
-        events.append((None, chunk({"role": "assistant", "content": None, "tool_calls": [
-            {"index": 0, "id": call["id"], "type": "function", "function": {"name": tool, "arguments": ""}}],
-            "refusal": None})))
-        for p in ['{"', 'city', '":"', 'Paris', '"}']:
+        events.append(
+            (
+                None,
+                chunk(
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": tool, "arguments": ""},
+                            }
+                        ],
+                        "refusal": None,
+                    }
+                ),
+            )
+        )
+        for p in ['{"', "city", '":"', "Paris", '"}']:
             events.append((None, chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]})))
     else:
         events.append((None, chunk({"role": "assistant", "content": "", "refusal": None})))
         for i, p in enumerate(_pieces(text)):
             if model == "error-stream" and i == 2:
-                events.append((None, {"error": {"message": "The server had an error while processing your request.",
-                                                "type": "server_error", "param": None, "code": None}}))
+                events.append(
+                    (
+                        None,
+                        {
+                            "error": {
+                                "message": "The server had an error while processing your request.",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        },
+                    )
+                )
                 return Reply(200, SSE_HEADERS, _sse(events))
             events.append((None, chunk({"content": p})))
     events.append((None, chunk({}, finish)))
     if include_usage:
-        events.append((None, {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
-                              "service_tier": "default", "system_fingerprint": fp, "choices": [], "usage": usage}))
+        events.append(
+            (
+                None,
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": CREATED,
+                    "model": model,
+                    "service_tier": "default",
+                    "system_fingerprint": fp,
+                    "choices": [],
+                    "usage": usage,
+                },
+            )
+        )
     events.append((None, "[DONE]"))
     return Reply(200, SSE_HEADERS, _sse(events))
 
@@ -193,19 +259,49 @@ def openai_completions(req: dict) -> Reply:
     prompt = req.get("prompt", "")
     said = prompt if isinstance(prompt, str) else str(prompt[0]) if prompt else ""
     text = answer_text(model, said)
-    usage = {"prompt_tokens": _tokens(said), "completion_tokens": _tokens(text),
-             "total_tokens": _tokens(said) + _tokens(text)}
+    usage = {
+        "prompt_tokens": _tokens(said),
+        "completion_tokens": _tokens(text),
+        "total_tokens": _tokens(said) + _tokens(text),
+    }
     cid = "cmpl-8fakeLegacy01"
     if not req.get("stream"):
-        return _json_reply({"id": cid, "object": "text_completion", "created": CREATED, "model": model,
-                            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
-                            "usage": usage})
+        return _json_reply(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": CREATED,
+                "model": model,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                "usage": usage,
+            }
+        )
     events: list[tuple[str | None, Any]] = []
     for p in _pieces(text):
-        events.append((None, {"id": cid, "object": "text_completion", "created": CREATED, "model": model,
-                              "choices": [{"text": p, "index": 0, "logprobs": None, "finish_reason": None}]}))
-    events.append((None, {"id": cid, "object": "text_completion", "created": CREATED, "model": model,
-                          "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}]}))
+        events.append(
+            (
+                None,
+                {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": CREATED,
+                    "model": model,
+                    "choices": [{"text": p, "index": 0, "logprobs": None, "finish_reason": None}],
+                },
+            )
+        )
+    events.append(
+        (
+            None,
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": CREATED,
+                "model": model,
+                "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            },
+        )
+    )
     events.append((None, "[DONE]"))
     return Reply(200, SSE_HEADERS, _sse(events))
 
@@ -215,11 +311,14 @@ def openai_embeddings(req: dict) -> Reply:
     inp = req.get("input")
     items = inp if isinstance(inp, list) else [inp]
     dims = int(req.get("dimensions") or 8)
-    data = [{"object": "embedding", "index": i, "embedding": [round(0.001 * (i + 1) * (k + 1), 6) for k in range(dims)]}
-            for i in range(len(items))]
+    data = [
+        {"object": "embedding", "index": i, "embedding": [round(0.001 * (i + 1) * (k + 1), 6) for k in range(dims)]}
+        for i in range(len(items))
+    ]
     n = sum(_tokens(str(x)) for x in items)
-    return _json_reply({"object": "list", "data": data, "model": model,
-                        "usage": {"prompt_tokens": n, "total_tokens": n}})
+    return _json_reply(
+        {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": n, "total_tokens": n}}
+    )
 
 
 def openai_responses(req: dict) -> Reply:
@@ -235,26 +334,64 @@ def openai_responses(req: dict) -> Reply:
     fc_id = "fc_67ca09c6bedc8190a7abfec07b1a1332096610f474011cc0"
     in_tokens = _tokens(json.dumps(inp))
     out_tokens = 12 if tool else _tokens(text)
-    base = {"id": rid, "object": "response", "created_at": CREATED, "status": "in_progress", "background": False,
-            "error": None, "incomplete_details": None, "instructions": req.get("instructions"),
-            "max_output_tokens": req.get("max_output_tokens"), "model": model, "output": [],
-            "parallel_tool_calls": True, "previous_response_id": req.get("previous_response_id"),
-            "reasoning": {"effort": None, "summary": None}, "store": True, "temperature": 1.0,
-            "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": req.get("tools", []),
-            "top_p": 1.0, "truncation": "disabled", "usage": None, "user": None, "metadata": {}}
+    base = {
+        "id": rid,
+        "object": "response",
+        "created_at": CREATED,
+        "status": "in_progress",
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": req.get("instructions"),
+        "max_output_tokens": req.get("max_output_tokens"),
+        "model": model,
+        "output": [],
+        "parallel_tool_calls": True,
+        "previous_response_id": req.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": req.get("tools", []),
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": {},
+    }
     if tool:
-        item = {"id": fc_id, "type": "function_call", "status": "completed", "arguments": '{"city":"Paris"}',
-                "call_id": "call_fake_resp_1", "name": tool}
+        item = {
+            "id": fc_id,
+            "type": "function_call",
+            "status": "completed",
+            "arguments": '{"city":"Paris"}',
+            "call_id": "call_fake_resp_1",
+            "name": tool,
+        }
     else:
-        item = {"id": msg_id, "type": "message", "status": "completed", "role": "assistant",
-                "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}]}
+        item = {
+            "id": msg_id,
+            "type": "message",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}],
+        }
     reasoning = None
     if isinstance(req.get("reasoning"), dict) and req["reasoning"].get("summary"):
-        reasoning = {"id": "rs_6820f383d7c08191846711c5df8233bc0ac5ba57aafcbac7", "type": "reasoning",
-                     "summary": [{"type": "summary_text", "text": REASONING}]}
+        reasoning = {
+            "id": "rs_6820f383d7c08191846711c5df8233bc0ac5ba57aafcbac7",
+            "type": "reasoning",
+            "summary": [{"type": "summary_text", "text": REASONING}],
+        }
         base["reasoning"] = req["reasoning"]
-    usage = {"input_tokens": in_tokens, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": out_tokens,
-             "output_tokens_details": {"reasoning_tokens": 64 if reasoning else 0}, "total_tokens": in_tokens + out_tokens}
+    usage = {
+        "input_tokens": in_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": out_tokens,
+        "output_tokens_details": {"reasoning_tokens": 64 if reasoning else 0},
+        "total_tokens": in_tokens + out_tokens,
+    }
     done = dict(base, status="completed", output=([reasoning] if reasoning else []) + [item], usage=usage)
     if not req.get("stream"):
         return _json_reply(done)
@@ -270,35 +407,53 @@ def openai_responses(req: dict) -> Reply:
     if reasoning:
         rid_ = reasoning["id"]
         add("response.output_item.added", output_index=0, item={"id": rid_, "type": "reasoning", "summary": []})
-        add("response.reasoning_summary_part.added", item_id=rid_, output_index=0, summary_index=0,
-            part={"type": "summary_text", "text": ""})
+        add(
+            "response.reasoning_summary_part.added",
+            item_id=rid_,
+            output_index=0,
+            summary_index=0,
+            part={"type": "summary_text", "text": ""},
+        )
         for p in _pieces(REASONING):
             add("response.reasoning_summary_text.delta", item_id=rid_, output_index=0, summary_index=0, delta=p)
         add("response.reasoning_summary_text.done", item_id=rid_, output_index=0, summary_index=0, text=REASONING)
-        add("response.reasoning_summary_part.done", item_id=rid_, output_index=0, summary_index=0,
-            part={"type": "summary_text", "text": REASONING})
+        add(
+            "response.reasoning_summary_part.done",
+            item_id=rid_,
+            output_index=0,
+            summary_index=0,
+            part={"type": "summary_text", "text": REASONING},
+        )
         add("response.output_item.done", output_index=0, item=reasoning)
         oi = 1
     if tool:
         add("response.output_item.added", output_index=oi, item=dict(item, status="in_progress", arguments=""))
-        for p in ['{"', 'city', '":"', 'Paris', '"}']:
+        for p in ['{"', "city", '":"', "Paris", '"}']:
             add("response.function_call_arguments.delta", item_id=fc_id, output_index=oi, delta=p)
         add("response.function_call_arguments.done", item_id=fc_id, output_index=oi, arguments=item["arguments"])
         add("response.output_item.done", output_index=oi, item=item)
     else:
-        add("response.output_item.added", output_index=oi,
-            item={"id": msg_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []})
-        add("response.content_part.added", item_id=msg_id, output_index=oi, content_index=0,
-            part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""})
+        add(
+            "response.output_item.added",
+            output_index=oi,
+            item={"id": msg_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []},
+        )
+        add(
+            "response.content_part.added",
+            item_id=msg_id,
+            output_index=oi,
+            content_index=0,
+            part={"type": "output_text", "annotations": [], "logprobs": [], "text": ""},
+        )
         for i, p in enumerate(_pieces(text)):
             if model == "error-stream" and i == 2:
-                add("error", code="server_error", message="The server had an error processing your request.",
-                    param=None)
+                add(
+                    "error", code="server_error", message="The server had an error processing your request.", param=None
+                )
                 return Reply(200, SSE_HEADERS, _sse(ev))
             add("response.output_text.delta", item_id=msg_id, output_index=oi, content_index=0, delta=p, logprobs=[])
         add("response.output_text.done", item_id=msg_id, output_index=oi, content_index=0, text=text, logprobs=[])
-        add("response.content_part.done", item_id=msg_id, output_index=oi, content_index=0,
-            part=item["content"][0])
+        add("response.content_part.done", item_id=msg_id, output_index=oi, content_index=0, part=item["content"][0])
         add("response.output_item.done", output_index=oi, item=item)
     add("response.completed", response=done)
     return Reply(200, SSE_HEADERS, _sse(ev))
@@ -311,65 +466,164 @@ def anthropic_messages(req: dict) -> Reply:
     model = str(req.get("model", ""))
     extra = [("request-id", "req_011CQfakeAnthropic01"), ("anthropic-organization-id", "org-fake")]
     if model == "error-400":
-        return _json_reply({"type": "error", "error": {"type": "not_found_error", "message": f"model: {model}"},
-                            "request_id": "req_011CQfakeAnthropic01"}, 404, extra)
+        return _json_reply(
+            {
+                "type": "error",
+                "error": {"type": "not_found_error", "message": f"model: {model}"},
+                "request_id": "req_011CQfakeAnthropic01",
+            },
+            404,
+            extra,
+        )
     messages = req.get("messages", [])
     tool = None if _has_tool_result(messages) else _tool_name(req.get("tools"))
     text = answer_text(model, _last_user_text(messages))
     thinking = "The user greets me. I should answer briefly." if isinstance(req.get("thinking"), dict) else None
     mid = "msg_01XFDUDYJgAACzvnptvVoYEL"
     in_tokens = _tokens(json.dumps(messages)) + _tokens(json.dumps(req.get("system", "")))
-    usage_in = {"input_tokens": in_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                "output_tokens": 1, "service_tier": "standard"}
+    usage_in = {
+        "input_tokens": in_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 1,
+        "service_tier": "standard",
+    }
     content: list[dict] = []
     if thinking:
-        content.append({"type": "thinking", "thinking": thinking, "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"})
+        content.append(
+            {
+                "type": "thinking",
+                "thinking": thinking,
+                "signature": "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds",
+            }
+        )
     if tool:
         content.append({"type": "text", "text": "I'll check the weather."})
-        content.append({"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": tool,
-                        "input": {"city": "Paris"}})
+        content.append(
+            {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": tool, "input": {"city": "Paris"}}
+        )
         stop = "tool_use"
     else:
         content.append({"type": "text", "text": text})
         stop = "end_turn"
     out_tokens = sum(_tokens(json.dumps(c)) for c in content)
     if not req.get("stream"):
-        return _json_reply({"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
-                            "stop_reason": stop, "stop_sequence": None,
-                            "usage": dict(usage_in, output_tokens=out_tokens)}, 200, extra)
-    ev: list[tuple[str | None, Any]] = [("message_start", {"type": "message_start", "message": {
-        "id": mid, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
-        "stop_sequence": None, "usage": usage_in}})]
+        return _json_reply(
+            {
+                "id": mid,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": content,
+                "stop_reason": stop,
+                "stop_sequence": None,
+                "usage": dict(usage_in, output_tokens=out_tokens),
+            },
+            200,
+            extra,
+        )
+    ev: list[tuple[str | None, Any]] = [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": mid,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": usage_in,
+                },
+            },
+        )
+    ]
     for i, block in enumerate(content):
         bt = block["type"]
         if bt == "thinking":
-            ev.append(("content_block_start", {"type": "content_block_start", "index": i,
-                                               "content_block": {"type": "thinking", "thinking": "", "signature": ""}}))
+            ev.append(
+                (
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": i,
+                        "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+                    },
+                )
+            )
             for p in _pieces(block["thinking"]):
-                ev.append(("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                   "delta": {"type": "thinking_delta", "thinking": p}}))
-            ev.append(("content_block_delta", {"type": "content_block_delta", "index": i,
-                                               "delta": {"type": "signature_delta", "signature": block["signature"]}}))
+                ev.append(
+                    (
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": i, "delta": {"type": "thinking_delta", "thinking": p}},
+                    )
+                )
+            ev.append(
+                (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": i,
+                        "delta": {"type": "signature_delta", "signature": block["signature"]},
+                    },
+                )
+            )
         elif bt == "text":
-            ev.append(("content_block_start", {"type": "content_block_start", "index": i,
-                                               "content_block": {"type": "text", "text": ""}}))
+            ev.append(
+                (
+                    "content_block_start",
+                    {"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}},
+                )
+            )
             if i == 0:
                 ev.append(("ping", {"type": "ping"}))
             for k, p in enumerate(_pieces(block["text"])):
                 if model == "error-stream" and k == 2:
-                    ev.append(("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+                    ev.append(
+                        ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+                    )
                     return Reply(200, SSE_HEADERS + extra, _sse(ev))
-                ev.append(("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                   "delta": {"type": "text_delta", "text": p}}))
+                ev.append(
+                    (
+                        "content_block_delta",
+                        {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": p}},
+                    )
+                )
         else:
-            ev.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": {
-                "type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}}))
+            ev.append(
+                (
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": i,
+                        "content_block": {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}},
+                    },
+                )
+            )
             for p in ["", '{"city": ', '"Paris"}']:
-                ev.append(("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                   "delta": {"type": "input_json_delta", "partial_json": p}}))
+                ev.append(
+                    (
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": i,
+                            "delta": {"type": "input_json_delta", "partial_json": p},
+                        },
+                    )
+                )
         ev.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
-    ev.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                                 "usage": {"output_tokens": out_tokens}}))
+    ev.append(
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": out_tokens},
+            },
+        )
+    )
     ev.append(("message_stop", {"type": "message_stop"}))
     return Reply(200, SSE_HEADERS + extra, _sse(ev))
 
@@ -379,8 +633,16 @@ def anthropic_messages(req: dict) -> Reply:
 
 def gemini(model: str, method: str, query: dict[str, str], req: dict) -> Reply:
     if model == "error-400":
-        return _json_reply({"error": {"code": 404, "message": f"models/{model} is not found for API version v1beta.",
-                                      "status": "NOT_FOUND"}}, 404)
+        return _json_reply(
+            {
+                "error": {
+                    "code": 404,
+                    "message": f"models/{model} is not found for API version v1beta.",
+                    "status": "NOT_FOUND",
+                }
+            },
+            404,
+        )
     contents = req.get("contents", [])
     said = ""
     for c in reversed(contents if isinstance(contents, list) else []):
@@ -403,9 +665,12 @@ def gemini(model: str, method: str, query: dict[str, str], req: dict) -> Reply:
             parts_all.insert(0, [{"text": REASONING, "thought": True}])
         finish_parts = len(parts_all)
     out_tokens = _tokens(text)
-    usage = {"promptTokenCount": prompt_tokens, "candidatesTokenCount": out_tokens,
-             "totalTokenCount": prompt_tokens + out_tokens,
-             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}]}
+    usage = {
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": out_tokens,
+        "totalTokenCount": prompt_tokens + out_tokens,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
+    }
     elements = []
     for i, parts in enumerate(parts_all):
         last = i == finish_parts - 1
@@ -413,8 +678,7 @@ def gemini(model: str, method: str, query: dict[str, str], req: dict) -> Reply:
         if last:
             cand["finishReason"] = "STOP"
         el: dict[str, Any] = {"candidates": [cand]}
-        el["usageMetadata"] = usage if last else {"promptTokenCount": prompt_tokens,
-                                                   "totalTokenCount": prompt_tokens}
+        el["usageMetadata"] = usage if last else {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
         el["modelVersion"] = version
         el["responseId"] = rid
         elements.append(el)
@@ -441,9 +705,16 @@ def ollama(api: str, req: dict) -> Reply:
     tool = None if api != "chat" or _has_tool_result(req.get("messages")) else _tool_name(req.get("tools"))
     text = answer_text(model, said)
     created = "2024-11-19T08:53:20.123456789Z"
-    final = {"done": True, "done_reason": "stop", "total_duration": 4883583458, "load_duration": 1334875,
-             "prompt_eval_count": 26, "prompt_eval_duration": 342546000, "eval_count": _tokens(text),
-             "eval_duration": 4535599000}
+    final = {
+        "done": True,
+        "done_reason": "stop",
+        "total_duration": 4883583458,
+        "load_duration": 1334875,
+        "prompt_eval_count": 26,
+        "prompt_eval_duration": 342546000,
+        "eval_count": _tokens(text),
+        "eval_duration": 4535599000,
+    }
 
     def line(content: str, done: bool, tool_calls: list | None = None) -> dict:
         if api == "chat":
@@ -474,8 +745,11 @@ def ollama(api: str, req: dict) -> Reply:
 def bedrock(model_id: str, op: str, req: dict) -> Reply:
     extra = [("x-amzn-requestid", "5d7fd7a8-0a1e-4a8c-9a1f-fakebedrock01")]
     if model_id == "error-400":
-        return _json_reply({"message": "The provided model identifier is invalid."}, 400,
-                           extra + [("x-amzn-errortype", "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/")])
+        return _json_reply(
+            {"message": "The provided model identifier is invalid."},
+            400,
+            extra + [("x-amzn-errortype", "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/")],
+        )
     said = ""
     for m in reversed(req.get("messages", [])):
         texts = [b["text"] for b in m.get("content", []) if isinstance(b, dict) and "text" in b]
@@ -486,8 +760,16 @@ def bedrock(model_id: str, op: str, req: dict) -> Reply:
     usage = {"inputTokens": _tokens(json.dumps(req.get("messages"))), "outputTokens": _tokens(text)}
     usage["totalTokens"] = usage["inputTokens"] + usage["outputTokens"]
     if op == "converse":
-        return _json_reply({"output": {"message": {"role": "assistant", "content": [{"text": text}]}},
-                            "stopReason": "end_turn", "usage": usage, "metrics": {"latencyMs": 412}}, 200, extra)
+        return _json_reply(
+            {
+                "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+                "stopReason": "end_turn",
+                "usage": usage,
+                "metrics": {"latencyMs": 412},
+            },
+            200,
+            extra,
+        )
     if op == "converse-stream":
         msgs: list[tuple[str, dict]] = [("messageStart", {"role": "assistant"})]
         tools = (req.get("toolConfig") or {}).get("tools") or []
@@ -495,26 +777,52 @@ def bedrock(model_id: str, op: str, req: dict) -> Reply:
         stop = "end_turn"
         if tools and not has_result:
             name = tools[0]["toolSpec"]["name"]
-            msgs.append(("contentBlockStart", {"contentBlockIndex": 0, "start": {"toolUse": {
-                "toolUseId": "tooluse_kZJMlvQmRJ6eAyJE5GIl7Q", "name": name}}}))
+            msgs.append(
+                (
+                    "contentBlockStart",
+                    {
+                        "contentBlockIndex": 0,
+                        "start": {"toolUse": {"toolUseId": "tooluse_kZJMlvQmRJ6eAyJE5GIl7Q", "name": name}},
+                    },
+                )
+            )
             for p in ['{"city"', ': "Paris"}']:
                 msgs.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"toolUse": {"input": p}}}))
             stop = "tool_use"
         else:
             for i, p in enumerate(_pieces(text)):
                 if model_id == "error-stream" and i == 2:  # AWS exception frame mid-stream, then the stream ends
-                    chunks = [encode_message({":event-type": et, ":content-type": "application/json",
-                                              ":message-type": "event"}, _j(body).encode()) for et, body in msgs]
-                    chunks.append(encode_message({":exception-type": "throttlingException",
-                                                  ":content-type": "application/json", ":message-type": "exception"},
-                                                 b'{"message":"Too many requests, please wait before trying again."}'))
+                    chunks = [
+                        encode_message(
+                            {":event-type": et, ":content-type": "application/json", ":message-type": "event"},
+                            _j(body).encode(),
+                        )
+                        for et, body in msgs
+                    ]
+                    chunks.append(
+                        encode_message(
+                            {
+                                ":exception-type": "throttlingException",
+                                ":content-type": "application/json",
+                                ":message-type": "exception",
+                            },
+                            b'{"message":"Too many requests, please wait before trying again."}',
+                        )
+                    )
                     return Reply(200, [("content-type", "application/vnd.amazon.eventstream")] + extra, chunks)
                 msgs.append(("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": p}}))
-        msgs += [("contentBlockStop", {"contentBlockIndex": 0}), ("messageStop", {"stopReason": stop}),
-                 ("metadata", {"usage": usage, "metrics": {"latencyMs": 389}})]
-        chunks = [encode_message({":event-type": et, ":content-type": "application/json", ":message-type": "event"},
-                                 _j(dict(body, p="abcdefghijklmnopqrstuvwxyzABCDEF"[: 3 + i % 20])).encode())
-                  for i, (et, body) in enumerate(msgs)]
+        msgs += [
+            ("contentBlockStop", {"contentBlockIndex": 0}),
+            ("messageStop", {"stopReason": stop}),
+            ("metadata", {"usage": usage, "metrics": {"latencyMs": 389}}),
+        ]
+        chunks = [
+            encode_message(
+                {":event-type": et, ":content-type": "application/json", ":message-type": "event"},
+                _j(dict(body, p="abcdefghijklmnopqrstuvwxyzABCDEF"[: 3 + i % 20])).encode(),
+            )
+            for i, (et, body) in enumerate(msgs)
+        ]
         return Reply(200, [("content-type", "application/vnd.amazon.eventstream")] + extra, chunks)
     if op == "invoke-with-response-stream":  # Claude on Bedrock: Anthropic events wrapped in base64 chunks
         inner = anthropic_messages(dict(req, model=model_id, stream=True))
@@ -525,14 +833,27 @@ def bedrock(model_id: str, op: str, req: dict) -> Reply:
             if obj.get("type") == "ping":
                 continue
             if obj.get("type") == "message_stop":
-                obj["amazon-bedrock-invocationMetrics"] = {"inputTokenCount": usage["inputTokens"],
-                                                           "outputTokenCount": usage["outputTokens"],
-                                                           "invocationLatency": 1203, "firstByteLatency": 402}
+                obj["amazon-bedrock-invocationMetrics"] = {
+                    "inputTokenCount": usage["inputTokens"],
+                    "outputTokenCount": usage["outputTokens"],
+                    "invocationLatency": 1203,
+                    "firstByteLatency": 402,
+                }
             payload = _j({"bytes": base64.b64encode(_j(obj).encode()).decode(), "p": "abcd"}).encode()
-            chunks.append(encode_message({":event-type": "chunk", ":content-type": "application/json",
-                                          ":message-type": "event"}, payload))
-        return Reply(200, [("content-type", "application/vnd.amazon.eventstream"),
-                           ("x-amzn-bedrock-content-type", "application/json")] + extra, chunks)
+            chunks.append(
+                encode_message(
+                    {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"}, payload
+                )
+            )
+        return Reply(
+            200,
+            [
+                ("content-type", "application/vnd.amazon.eventstream"),
+                ("x-amzn-bedrock-content-type", "application/json"),
+            ]
+            + extra,
+            chunks,
+        )
     if op == "invoke":
         r = anthropic_messages(dict(req, model=model_id, stream=False))
         return Reply(r.status, [("content-type", "application/json")] + extra, r.chunks)
@@ -548,8 +869,12 @@ _BEDROCK = re.compile(r"/model/([^/]+)/(converse|converse-stream|invoke|invoke-w
 def reply(method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes) -> Reply:
     if method != "POST":
         if path.rstrip("/").endswith("/models"):
-            return _json_reply({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": CREATED,
-                                                            "owned_by": "system"}]})
+            return _json_reply(
+                {
+                    "object": "list",
+                    "data": [{"id": "gpt-4o-mini", "object": "model", "created": CREATED, "owned_by": "system"}],
+                }
+            )
         return Reply(404, [("content-type", "text/plain")], [b"not found"])
     try:
         req = json.loads(body) if body else {}
@@ -605,8 +930,9 @@ async def app(scope: dict, receive: Any, send: Any) -> None:
             break
     headers = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]]
     r = reply(scope["method"], scope["path"], scope["query_string"].decode("latin-1"), headers, bytes(body))
-    await send({"type": "http.response.start", "status": r.status,
-                "headers": [(k.encode(), v.encode()) for k, v in r.headers]})
+    await send(
+        {"type": "http.response.start", "status": r.status, "headers": [(k.encode(), v.encode()) for k, v in r.headers]}
+    )
     for i, chunk in enumerate(r.chunks):
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
         if len(r.chunks) > 1 and i < len(r.chunks) - 1:
@@ -626,7 +952,9 @@ class FakeProvider:
     with FakeProvider(cert, key) as fp:  client(base_url=fp.url + "/v1") ...
     """
 
-    def __init__(self, certfile: str | Path, keyfile: str | Path, port: int = 0, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> None:
+    def __init__(
+        self, certfile: str | Path, keyfile: str | Path, port: int = 0, alpn: tuple[str, ...] = ("h2", "http/1.1")
+    ) -> None:
         self.certfile, self.keyfile = str(certfile), str(keyfile)
         self.port = port or _free_port()
         self.alpn = list(alpn)
@@ -685,6 +1013,7 @@ class FakeProvider:
         loop.call_soon_threadsafe(self._stop.set)
         thread.join(1.0)
         if thread.is_alive():  # hypercorn waits for idle keep-alive clients: cut them
+
             def cancel_all() -> None:
                 for task in asyncio.all_tasks(loop):
                     task.cancel()
@@ -702,12 +1031,17 @@ class FakeProvider:
         self.stop()
 
 
-def start_subprocess(certfile: str | Path, keyfile: str | Path, port: int = 0,
-                     timeout: float = 20.0) -> tuple[subprocess.Popen, str]:
+def start_subprocess(
+    certfile: str | Path, keyfile: str | Path, port: int = 0, timeout: float = 20.0
+) -> tuple[subprocess.Popen, str]:
     """Run the fake provider in its own process (e.g. to trace it, or keep it out of pytest's GIL)."""
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakeprovider", str(certfile), str(keyfile), str(port)],
-                            cwd=root, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakeprovider", str(certfile), str(keyfile), str(port)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     ready: list[str] = []
     t = threading.Thread(target=lambda: ready.append(proc.stdout.readline().strip()), daemon=True)  # type: ignore[union-attr]
     t.start()

@@ -25,12 +25,26 @@ from llmspyd.llm.eventstream import EventStreamParser
 from llmspyd.llm.ndjson import JsonArrayParser, NdjsonParser
 from llmspyd.llm.providers.base import ParsedRequest, ResponseAcc
 from llmspyd.llm.record import (
-    ConnectionRef, ExchangeError, LlmExchange, ProcessRef, RequestRecord, ResponseRecord, Timing, wall_iso,
+    ConnectionRef,
+    ExchangeError,
+    LlmExchange,
+    ProcessRef,
+    RequestRecord,
+    ResponseRecord,
+    Timing,
+    wall_iso,
 )
 from llmspyd.llm.sse import SseParser
 from llmspyd.process import ProcessInfo
 from llmspyd.protocols.events import (
-    ConnectionInfo, HttpEvent, MessageBroken, RequestData, RequestEnd, RequestHead, ResponseData, ResponseEnd,
+    ConnectionInfo,
+    HttpEvent,
+    MessageBroken,
+    RequestData,
+    RequestEnd,
+    RequestHead,
+    ResponseData,
+    ResponseEnd,
     ResponseHead,
 )
 
@@ -68,8 +82,13 @@ class ConnContext:
     clock_offset_ns: int = 0  # add to CLOCK_MONOTONIC ns to get wall-clock epoch ns
 
 
-_STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/ndjson", "application/jsonl",
-                 "application/vnd.amazon.eventstream")
+_STREAM_TYPES = (
+    "text/event-stream",
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/vnd.amazon.eventstream",
+)
 
 
 @dataclass
@@ -96,8 +115,9 @@ class _Msg:
 
 
 class ExchangeAssembler:
-    def __init__(self, ctx: ConnContext, conversations: ConversationTracker | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, ctx: ConnContext, conversations: ConversationTracker | None = None, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
         self.ctx = ctx
         self.limits = limits
         self.conversations = conversations if conversations is not None else default_tracker()
@@ -124,8 +144,13 @@ class ExchangeAssembler:
             if msg is None:
                 return []
             try:
-                return [self._finish(msg, getattr(ev, "ts_ns", msg.last_ns), ExchangeError(
-                    kind="parse_error", message=f"internal error: {type(e).__name__}: {e}"))]
+                return [
+                    self._finish(
+                        msg,
+                        getattr(ev, "ts_ns", msg.last_ns),
+                        ExchangeError(kind="parse_error", message=f"internal error: {type(e).__name__}: {e}"),
+                    )
+                ]
             except Exception:
                 self._count("internal_errors")
                 return []
@@ -251,7 +276,9 @@ class ExchangeAssembler:
             if body is None:
                 self._drop_late(msg)
                 return False
-            new = providers.detect_body(det, body, msg.head.target.partition("?")[0], msg.head.authority, msg.head.headers)
+            new = providers.detect_body(
+                det, body, msg.head.target.partition("?")[0], msg.head.authority, msg.head.headers
+            )
             if new is None:
                 self._drop_late(msg)
                 return False
@@ -305,8 +332,13 @@ class ExchangeAssembler:
             msg.decoder = EventStreamParser()
         elif msg.det.api == "streamGenerateContent" and head.status < 300:
             msg.decoder = JsonArrayParser()
-        elif msg.det.api.startswith("ollama.") and msg.parsed is not None and msg.parsed.stream and head.status < 300 \
-                and "json" not in ctype:
+        elif (
+            msg.det.api.startswith("ollama.")
+            and msg.parsed is not None
+            and msg.parsed.stream
+            and head.status < 300
+            and "json" not in ctype
+        ):
             msg.decoder = NdjsonParser()
 
     def _response_data(self, msg: _Msg, ev: ResponseData) -> None:
@@ -348,8 +380,12 @@ class ExchangeAssembler:
                     continue
                 if em.message_type in ("exception", "error"):
                     message = obj.get("message") if isinstance(obj, dict) else None
-                    acc.set_error("stream_error", message or em.headers.get(":error-message", ""), em.event_type,
-                                  em.headers.get(":error-code"))
+                    acc.set_error(
+                        "stream_error",
+                        message or em.headers.get(":error-message", ""),
+                        em.event_type,
+                        em.headers.get(":error-code"),
+                    )
                     continue
                 fmt.on_event(obj, em.event_type, acc, em.ts_ns)
         else:  # NDJSON or JSON array
@@ -359,8 +395,16 @@ class ExchangeAssembler:
 
     # --- record -----------------------------------------------------------------------------
 
-    def _finish(self, msg: _Msg, end_ns: int, error: ExchangeError | None, *, ended: bool = False,
-                missing: int = 0, closed_early: bool = False) -> LlmExchange:
+    def _finish(
+        self,
+        msg: _Msg,
+        end_ns: int,
+        error: ExchangeError | None,
+        *,
+        ended: bool = False,
+        missing: int = 0,
+        closed_early: bool = False,
+    ) -> LlmExchange:
         ctx = self.ctx
         lim = self.limits
         head = msg.head
@@ -385,7 +429,9 @@ class ExchangeAssembler:
                     for obj, ts in dec.close(end_ns):
                         acc.events += 1
                         det.fmt.on_event(obj, None, acc, ts)
-                acc.bad_events += getattr(dec, "bad", 0) + getattr(dec, "crc_failures", 0) + getattr(dec, "header_errors", 0)
+                acc.bad_events += (
+                    getattr(dec, "bad", 0) + getattr(dec, "crc_failures", 0) + getattr(dec, "header_errors", 0)
+                )
                 if isinstance(dec, EventStreamParser) and dec.broken:
                     acc.set_error("stream_error", f"event stream unreadable: {dec.broken}")
                 pending = dec.pending_bytes()
@@ -396,15 +442,32 @@ class ExchangeAssembler:
                 raw_resp = bytes(msg.resp_body[: lim.max_raw_response_bytes]).decode("utf-8", "replace")
                 resp_truncated = resp_truncated or msg.resp_bytes > lim.max_raw_response_bytes
             resp_rec = ResponseRecord(
-                status=status, reason=rh.reason, headers=[[k, v] for k, v in rh.headers],
-                id=acc.response_id, model=acc.model, text="".join(acc.text_parts),
+                status=status,
+                reason=rh.reason,
+                headers=[[k, v] for k, v in rh.headers],
+                id=acc.response_id,
+                model=acc.model,
+                text="".join(acc.text_parts),
                 tool_calls=[t.build() for t in acc.tool_calls.values()],
-                thinking="".join(acc.thinking_parts) or None, finish_reason=acc.finish_reason,
-                events=acc.events, bad_events=acc.bad_events, embeddings=acc.embeddings, dimensions=acc.dimensions,
-                body=raw_resp, body_bytes=msg.resp_bytes, body_truncated=resp_truncated and raw_resp is not None,
+                thinking="".join(acc.thinking_parts) or None,
+                finish_reason=acc.finish_reason,
+                events=acc.events,
+                bad_events=acc.bad_events,
+                embeddings=acc.embeddings,
+                dimensions=acc.dimensions,
+                body=raw_resp,
+                body_bytes=msg.resp_bytes,
+                body_truncated=resp_truncated and raw_resp is not None,
             )
-            if error is None and ended and msg.decoder is not None and not acc.done and status is not None \
-                    and status < 300 and acc.error is None:
+            if (
+                error is None
+                and ended
+                and msg.decoder is not None
+                and not acc.done
+                and status is not None
+                and status < 300
+                and acc.error is None
+            ):
                 # the body ended cleanly but the stream's own end marker never came (proxy cut it, server died)
                 error = ExchangeError(kind="incomplete", message="stream ended without its end event")
 
@@ -427,10 +490,15 @@ class ExchangeAssembler:
         off = ctx.clock_offset_ns
         real_end = end_ns if (ended or rh is not None) else max(msg.last_ns, start)
         timing = Timing(
-            request_start_ns=start, request_end_ns=msg.req_end_ns, response_start_ns=first_byte,
-            first_token_ns=acc.first_token_ns, end_ns=real_end,
-            request_start=wall_iso(start, off), response_start=wall_iso(first_byte, off),
-            first_token=wall_iso(acc.first_token_ns, off), end=wall_iso(real_end, off),
+            request_start_ns=start,
+            request_end_ns=msg.req_end_ns,
+            response_start_ns=first_byte,
+            first_token_ns=acc.first_token_ns,
+            end_ns=real_end,
+            request_start=wall_iso(start, off),
+            response_start=wall_iso(first_byte, off),
+            first_token=wall_iso(acc.first_token_ns, off),
+            end=wall_iso(real_end, off),
         )
         pinfo = ctx.process
         proc = ProcessRef(pid=ctx.pid, comm=ctx.comm or (pinfo.comm if pinfo else ""), cgroup_id=ctx.cgroup_id)
@@ -439,28 +507,50 @@ class ExchangeAssembler:
             proc.cgroup, proc.container = pinfo.cgroup, pinfo.container
         peer = ctx.peer
         conn = ConnectionRef(
-            conn=f"{ctx.conn:#x}", fd=ctx.fd, authority=head.authority,
-            http_version=head.http_version or ctx.http_version, tls_stack=ctx.stack,
-            peer_addr=peer.addr if peer else None, peer_port=peer.port if peer else None,
+            conn=f"{ctx.conn:#x}",
+            fd=ctx.fd,
+            authority=head.authority,
+            http_version=head.http_version or ctx.http_version,
+            tls_stack=ctx.stack,
+            peer_addr=peer.addr if peer else None,
+            peer_port=peer.port if peer else None,
             local_port=peer.local_port if peer and peer.local_port else None,
         )
         truncated = req_truncated or msg.resp_cut
-        complete = ended and error is None or (ended and error is not None and error.kind in ("http_error", "stream_error"))
+        complete = (
+            ended and error is None or (ended and error is not None and error.kind in ("http_error", "stream_error"))
+        )
         complete = complete and missing == 0 and not truncated
         ex = LlmExchange(
             id=_exchange_id(ctx, head.msg, start),
-            provider=det.provider, api=det.api, model=parsed.model or acc.model,
+            provider=det.provider,
+            api=det.api,
+            model=parsed.model or acc.model,
             stream=stream,
             latency_ms=round((real_end - start) / 1e6, 3) if (ended or rh is not None) else None,
             ttft_ms=round((acc.first_token_ns - start) / 1e6, 3) if acc.first_token_ns is not None else None,
-            timing=timing, process=proc, connection=conn,
+            timing=timing,
+            process=proc,
+            connection=conn,
             request=RequestRecord(
-                method=head.method, path=head.target, headers=[[k, v] for k, v in head.headers],
-                system=parsed.system, messages=parsed.messages, tools=parsed.tools, parameters=parsed.parameters,
-                body=req_raw, body_bytes=msg.body_bytes, body_truncated=req_truncated,
+                method=head.method,
+                path=head.target,
+                headers=[[k, v] for k, v in head.headers],
+                system=parsed.system,
+                messages=parsed.messages,
+                tools=parsed.tools,
+                parameters=parsed.parameters,
+                body=req_raw,
+                body_bytes=msg.body_bytes,
+                body_truncated=req_truncated,
             ),
-            response=resp_rec, usage=acc.usage, complete=complete, missing_bytes=missing,
-            truncated=truncated, closed_early=closed_early, error=error,
+            response=resp_rec,
+            usage=acc.usage,
+            complete=complete,
+            missing_bytes=missing,
+            truncated=truncated,
+            closed_early=closed_early,
+            error=error,
         )
         try:
             self.conversations.assign(ex, parsed.tool_result_ids, parsed.previous_response_id)
@@ -482,8 +572,10 @@ class ExchangeAssembler:
         except ValueError as e:
             status = msg.resp_head.status if msg.resp_head else 0
             if status < 400:
-                acc.set_error("parse_error" if whole else "incomplete",
-                              f"response body is not JSON: {e}" if whole else "response body incomplete")
+                acc.set_error(
+                    "parse_error" if whole else "incomplete",
+                    f"response body is not JSON: {e}" if whole else "response body incomplete",
+                )
             return
         msg.det.fmt.parse_response(body, acc)
 

@@ -69,7 +69,11 @@ class EventStreamParser:
                 self.crc_failures += 1
                 self.broken = "prelude CRC mismatch"
                 break
-            if total < MIN_MESSAGE_LEN or total > MAX_MESSAGE_LEN or hlen > min(MAX_HEADERS_LEN, total - MIN_MESSAGE_LEN):
+            if (
+                total < MIN_MESSAGE_LEN
+                or total > MAX_MESSAGE_LEN
+                or hlen > min(MAX_HEADERS_LEN, total - MIN_MESSAGE_LEN)
+            ):
                 self.broken = f"bad lengths total={total} headers={hlen}"
                 break
             if n - pos < total:

@@ -163,7 +163,11 @@ class LlmExchange(BaseModel):
         tokens = f"{_n(self.usage.input_tokens)}→{_n(self.usage.output_tokens)} tok"
         status = self.response.status if self.response and self.response.status is not None else "-"
         lat = f"{self.latency_ms:.0f}ms" if self.latency_ms is not None else "-"
-        err = f" error={self.error.kind}" + (f": {self.error.message[:80]}" if self.error.message else "") if self.error else ""
+        err = (
+            f" error={self.error.kind}" + (f": {self.error.message[:80]}" if self.error.message else "")
+            if self.error
+            else ""
+        )
         return (
             f"{self.provider} {self.api} {self.model or '?'} {status} {tokens} {lat}"
             f"{' stream' if self.stream else ''} pid={p.pid} {p.comm}{err}"
@@ -179,6 +183,6 @@ def wall_iso(mono_ns: int | None, clock_offset_ns: int) -> str | None:
     if mono_ns is None or not clock_offset_ns:
         return None
     epoch_ns = mono_ns + clock_offset_ns
-    dt = _dt.datetime.fromtimestamp(epoch_ns // 1_000_000_000, tz=_dt.timezone.utc)
+    dt = _dt.datetime.fromtimestamp(epoch_ns // 1_000_000_000, tz=_dt.UTC)
     dt = dt.replace(microsecond=(epoch_ns % 1_000_000_000) // 1000)
     return dt.isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -29,7 +29,13 @@ from llmspyd.llm.assembler import ConnContext, ExchangeAssembler
 from llmspyd.llm.conversations import ConversationTracker
 from llmspyd.llm.record import LlmExchange
 from llmspyd.protocols.events import (
-    HttpEvent, RequestData, RequestEnd, RequestHead, ResponseData, ResponseEnd, ResponseHead,
+    HttpEvent,
+    RequestData,
+    RequestEnd,
+    RequestHead,
+    ResponseData,
+    ResponseEnd,
+    ResponseHead,
 )
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "llm"
@@ -57,14 +63,27 @@ class Case:
 def load_cases() -> list[Case]:
     out = []
     for d in sorted(p for p in DATA.iterdir() if (p / "case.json").exists()):
-        out.append(Case(d.name, json.loads((d / "case.json").read_text()), (d / "request.bin").read_bytes(),
-                        (d / "response.bin").read_bytes()))
+        out.append(
+            Case(
+                d.name,
+                json.loads((d / "case.json").read_text()),
+                (d / "request.bin").read_bytes(),
+                (d / "response.bin").read_bytes(),
+            )
+        )
     return out
 
 
 def context() -> ConnContext:
-    return ConnContext(pid=4242, comm="agent", conn=0x7F00DEAD0000, peer=Peer(socket.AF_INET, "127.0.0.1", 443, 50123),
-                       fd=7, stack="openssl", clock_offset_ns=CLOCK_OFFSET)
+    return ConnContext(
+        pid=4242,
+        comm="agent",
+        conn=0x7F00DEAD0000,
+        peer=Peer(socket.AF_INET, "127.0.0.1", 443, 50123),
+        fd=7,
+        stack="openssl",
+        clock_offset_ns=CLOCK_OFFSET,
+    )
 
 
 def _cuts(n: int, split: Any) -> list[int]:
@@ -125,8 +144,10 @@ def regen() -> None:
         rec = record_of(case)
         case.expected_path.write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n")
         r = rec["response"] or {}
-        print(f"{case.name:38} {rec['provider']:18} {rec['api']:22} {str(rec['model'])[:28]:28} "
-              f"text={r.get('text', '')[:30]!r} tools={len(r.get('tool_calls', []))} err={(rec['error'] or {}).get('kind')}")
+        print(
+            f"{case.name:38} {rec['provider']:18} {rec['api']:22} {str(rec['model'])[:28]:28} "
+            f"text={r.get('text', '')[:30]!r} tools={len(r.get('tool_calls', []))} err={(rec['error'] or {}).get('kind')}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ from llmspyd.llm.assembler import ExchangeAssembler, Limits
 from llmspyd.llm.conversations import ConversationTracker
 from llmspyd.llm.providers import detect_head
 from llmspyd.protocols.events import (
-    ConnectionInfo, MessageBroken, RequestData, RequestEnd, RequestHead, ResponseData, ResponseEnd, ResponseHead,
+    ConnectionInfo,
+    MessageBroken,
+    RequestData,
+    RequestEnd,
+    RequestHead,
+    ResponseData,
+    ResponseEnd,
+    ResponseHead,
 )
 from tests.unit.llm_cases import CASES_BY_NAME, context, events, replay
 
@@ -31,11 +38,25 @@ def run(a: ExchangeAssembler, evs: list) -> list:
     return out
 
 
-def exchange(target: str, authority: str, body: bytes, status: int = 200, rheaders=JSON, rbody: bytes = b"{}",
-             method: str = "POST", headers=JSON, msg: int = 1) -> list:
-    return [RequestHead(msg, 10, method, target, list(headers), "1.1", authority), RequestData(msg, 11, body),
-            RequestEnd(msg, 12), ResponseHead(msg, 20, status, list(rheaders)), ResponseData(msg, 30, rbody),
-            ResponseEnd(msg, 40)]
+def exchange(
+    target: str,
+    authority: str,
+    body: bytes,
+    status: int = 200,
+    rheaders=JSON,
+    rbody: bytes = b"{}",
+    method: str = "POST",
+    headers=JSON,
+    msg: int = 1,
+) -> list:
+    return [
+        RequestHead(msg, 10, method, target, list(headers), "1.1", authority),
+        RequestData(msg, 11, body),
+        RequestEnd(msg, 12),
+        ResponseHead(msg, 20, status, list(rheaders)),
+        ResponseData(msg, 30, rbody),
+        ResponseEnd(msg, 40),
+    ]
 
 
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -44,45 +65,87 @@ CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]
 # --- detection ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target,authority,headers,provider,api", [
-    ("/v1/chat/completions", "api.openai.com", JSON, "openai", "chat.completions"),
-    ("/openai/deployments/d1/chat/completions?api-version=2024-10-21", "x.openai.azure.com", JSON, "azure-openai", "chat.completions"),
-    ("/openai/deployments/d1/embeddings?api-version=1", "proxy.local", JSON, "azure-openai", "embeddings"),
-    ("/api/v1/chat/completions", "openrouter.ai", JSON, "openrouter", "chat.completions"),
-    ("/v1/responses", "api.openai.com", JSON, "openai", "responses"),
-    ("/v1/messages", "api.anthropic.com", JSON, "anthropic", "messages"),
-    ("/v1/messages?beta=true", "api.anthropic.com", JSON, "anthropic", "messages"),
-    ("/v1/messages", "proxy.local", JSON + [("anthropic-version", "2023-06-01")], "anthropic", "messages"),
-    ("/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse", "generativelanguage.googleapis.com", JSON, "gemini", "streamGenerateContent"),
-    ("/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.0-flash:generateContent", "us-central1-aiplatform.googleapis.com", JSON, "vertex-ai", "generateContent"),
-    ("/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4:streamRawPredict", "us-east5-aiplatform.googleapis.com", JSON, "vertex-ai", "messages"),
-    ("/api/chat", "localhost:11434", JSON, "ollama", "ollama.chat"),
-    ("/v1/chat/completions", "127.0.0.1:11434", JSON, "ollama", "chat.completions"),
-    ("/model/amazon.nova-pro-v1%3A0/converse-stream", "bedrock-runtime.eu-west-1.amazonaws.com", JSON, "bedrock", "bedrock.converseStream"),
-    ("/v1/chat/completions", "api.groq.com", JSON, "groq", "chat.completions"),
-])
+@pytest.mark.parametrize(
+    "target,authority,headers,provider,api",
+    [
+        ("/v1/chat/completions", "api.openai.com", JSON, "openai", "chat.completions"),
+        (
+            "/openai/deployments/d1/chat/completions?api-version=2024-10-21",
+            "x.openai.azure.com",
+            JSON,
+            "azure-openai",
+            "chat.completions",
+        ),
+        ("/openai/deployments/d1/embeddings?api-version=1", "proxy.local", JSON, "azure-openai", "embeddings"),
+        ("/api/v1/chat/completions", "openrouter.ai", JSON, "openrouter", "chat.completions"),
+        ("/v1/responses", "api.openai.com", JSON, "openai", "responses"),
+        ("/v1/messages", "api.anthropic.com", JSON, "anthropic", "messages"),
+        ("/v1/messages?beta=true", "api.anthropic.com", JSON, "anthropic", "messages"),
+        ("/v1/messages", "proxy.local", JSON + [("anthropic-version", "2023-06-01")], "anthropic", "messages"),
+        (
+            "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+            "generativelanguage.googleapis.com",
+            JSON,
+            "gemini",
+            "streamGenerateContent",
+        ),
+        (
+            "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.0-flash:generateContent",
+            "us-central1-aiplatform.googleapis.com",
+            JSON,
+            "vertex-ai",
+            "generateContent",
+        ),
+        (
+            "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4:streamRawPredict",
+            "us-east5-aiplatform.googleapis.com",
+            JSON,
+            "vertex-ai",
+            "messages",
+        ),
+        ("/api/chat", "localhost:11434", JSON, "ollama", "ollama.chat"),
+        ("/v1/chat/completions", "127.0.0.1:11434", JSON, "ollama", "chat.completions"),
+        (
+            "/model/amazon.nova-pro-v1%3A0/converse-stream",
+            "bedrock-runtime.eu-west-1.amazonaws.com",
+            JSON,
+            "bedrock",
+            "bedrock.converseStream",
+        ),
+        ("/v1/chat/completions", "api.groq.com", JSON, "groq", "chat.completions"),
+    ],
+)
 def test_detect_head(target, authority, headers, provider, api) -> None:
     det = detect_head("POST", target, authority, headers)
     assert det is not None and (det.provider, det.api) == (provider, api)
 
 
-@pytest.mark.parametrize("method,target,headers", [
-    ("GET", "/index.html", []),
-    ("GET", "/v1/models", JSON),  # listing models is not a model call
-    ("POST", "/upload", [("content-type", "multipart/form-data; boundary=x")]),
-    ("POST", "/login", [("content-type", "application/x-www-form-urlencoded")]),
-    ("POST", "/v1/messages/count_tokens", JSON),  # generates nothing
-    ("POST", "/v1beta/models/gemini-2.5-pro:countTokens", JSON),
-    ("POST", "/v1/batches", JSON),
-])
+@pytest.mark.parametrize(
+    "method,target,headers",
+    [
+        ("GET", "/index.html", []),
+        ("GET", "/v1/models", JSON),  # listing models is not a model call
+        ("POST", "/upload", [("content-type", "multipart/form-data; boundary=x")]),
+        ("POST", "/login", [("content-type", "application/x-www-form-urlencoded")]),
+        ("POST", "/v1/messages/count_tokens", JSON),  # generates nothing
+        ("POST", "/v1beta/models/gemini-2.5-pro:countTokens", JSON),
+        ("POST", "/v1/batches", JSON),
+    ],
+)
 def test_non_llm_heads_are_dropped_from_the_head(method, target, headers) -> None:
     assert detect_head(method, target, "example.com", headers) is None
 
 
 def test_model_from_path_when_body_has_none() -> None:
-    recs = run(asm(), exchange("/v1beta/models/gemini-2.0-flash:generateContent", "generativelanguage.googleapis.com",
-                               b'{"contents":[{"parts":[{"text":"hi"}]}]}',
-                               rbody=b'{"candidates":[{"content":{"parts":[{"text":"yo"}]},"finishReason":"STOP"}]}'))
+    recs = run(
+        asm(),
+        exchange(
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            "generativelanguage.googleapis.com",
+            b'{"contents":[{"parts":[{"text":"hi"}]}]}',
+            rbody=b'{"candidates":[{"content":{"parts":[{"text":"yo"}]},"finishReason":"STOP"}]}',
+        ),
+    )
     assert recs[0].model == "gemini-2.0-flash" and recs[0].response.text == "yo"
 
 
@@ -105,8 +168,21 @@ def test_unknown_json_post_decided_by_body() -> None:
     assert a.wants_connection() is False and a.stats["non_llm_requests"] == 1
 
     b = asm()
-    recs = run(b, exchange("/x/run", "gw.example", CHAT, rbody=json.dumps(
-        {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}]}).encode()))
+    recs = run(
+        b,
+        exchange(
+            "/x/run",
+            "gw.example",
+            CHAT,
+            rbody=json.dumps(
+                {
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}
+                    ]
+                }
+            ).encode(),
+        ),
+    )
     assert b.wants_connection() is True
     assert (recs[0].provider, recs[0].api, recs[0].response.text) == ("openai-compatible", "chat.completions", "hello")
 
@@ -126,9 +202,16 @@ def test_connection_info_is_accepted() -> None:
 
 
 def test_invalid_request_json_still_recorded() -> None:
-    recs = run(asm(), exchange("/v1/chat/completions", "api.openai.com", b'{"model": "gpt-4o", "messages": [',
-                               rbody=b'{"error": {"message": "We could not parse the JSON body", "type": "invalid_request_error"}}',
-                               status=400))
+    recs = run(
+        asm(),
+        exchange(
+            "/v1/chat/completions",
+            "api.openai.com",
+            b'{"model": "gpt-4o", "messages": [',
+            rbody=b'{"error": {"message": "We could not parse the JSON body", "type": "invalid_request_error"}}',
+            status=400,
+        ),
+    )
     r = recs[0]
     assert r.error.kind == "http_error" and r.error.status == 400 and "parse" in r.error.message
     assert r.request.body.startswith('{"model"')
@@ -140,8 +223,17 @@ def test_invalid_response_json_is_a_parse_error_with_raw_body() -> None:
 
 
 def test_http_error_without_json_body() -> None:
-    recs = run(asm(), exchange("/v1/messages", "api.anthropic.com", CHAT, status=529, rheaders=[("content-type", "text/plain")],
-                               rbody=b"overloaded"))
+    recs = run(
+        asm(),
+        exchange(
+            "/v1/messages",
+            "api.anthropic.com",
+            CHAT,
+            status=529,
+            rheaders=[("content-type", "text/plain")],
+            rbody=b"overloaded",
+        ),
+    )
     assert recs[0].error.kind == "http_error" and recs[0].error.status == 529 and recs[0].complete
 
 
@@ -199,8 +291,13 @@ def test_no_response_emitted_on_close() -> None:
 
 def test_response_cut_by_close() -> None:
     a = asm()
-    evs = exchange("/v1/chat/completions", "api.openai.com", CHAT, rheaders=SSE,
-                   rbody=b'data: {"choices":[{"index":0,"delta":{"content":"par"}}]}\n\n')
+    evs = exchange(
+        "/v1/chat/completions",
+        "api.openai.com",
+        CHAT,
+        rheaders=SSE,
+        rbody=b'data: {"choices":[{"index":0,"delta":{"content":"par"}}]}\n\n',
+    )
     run(a, evs[:-1])
     r = a.on_close(99)[0]
     assert r.error.kind == "incomplete" and r.closed_early and r.response.text == "par"
@@ -229,13 +326,26 @@ def test_events_for_unknown_msg_are_counted() -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(req=st.binary(max_size=200), resp=st.binary(max_size=400),
-       ctype=st.sampled_from(["text/event-stream", "application/json", "application/x-ndjson",
-                              "application/vnd.amazon.eventstream", ""]),
-       target=st.sampled_from(["/v1/chat/completions", "/v1/messages", "/v1/responses", "/api/chat",
-                               "/v1beta/models/g:streamGenerateContent", "/model/anthropic.x/invoke-with-response-stream",
-                               "/model/m/converse-stream", "/whatever"]),
-       status=st.sampled_from([200, 400, 500]))
+@given(
+    req=st.binary(max_size=200),
+    resp=st.binary(max_size=400),
+    ctype=st.sampled_from(
+        ["text/event-stream", "application/json", "application/x-ndjson", "application/vnd.amazon.eventstream", ""]
+    ),
+    target=st.sampled_from(
+        [
+            "/v1/chat/completions",
+            "/v1/messages",
+            "/v1/responses",
+            "/api/chat",
+            "/v1beta/models/g:streamGenerateContent",
+            "/model/anthropic.x/invoke-with-response-stream",
+            "/model/m/converse-stream",
+            "/whatever",
+        ]
+    ),
+    status=st.sampled_from([200, 400, 500]),
+)
 def test_garbage_never_raises(req: bytes, resp: bytes, ctype: str, target: str, status: int) -> None:
     a = asm()
     evs = exchange(target, "api.openai.com", req, status=status, rheaders=[("content-type", ctype)], rbody=resp)
@@ -257,15 +367,32 @@ def test_recorded_streams_with_garbage_spliced_in_never_raise(data: st.DataObjec
     assert len(recs) <= 1
 
 
-@pytest.mark.parametrize("authority,target", [("api.openai.com", "/v1/models"), ("gpu-box:8000", "/v1/models"),
-                                              ("localhost:11434", "/api/tags"), ("proxy:8080", "/v1/messages/count_tokens")])
+@pytest.mark.parametrize(
+    "authority,target",
+    [
+        ("api.openai.com", "/v1/models"),
+        ("gpu-box:8000", "/v1/models"),
+        ("localhost:11434", "/api/tags"),
+        ("proxy:8080", "/v1/messages/count_tokens"),
+    ],
+)
 def test_model_listing_first_does_not_mute_the_connection(authority: str, target: str) -> None:
     """SDKs list models on the connection they then use for the model call."""
     a = asm()
     assert run(a, exchange(target, authority, b"", method="GET", rbody=b'{"data": []}')) == []
     assert a.wants_connection() is not False and a.stats["non_llm_requests"] == 1
-    recs = run(a, exchange("/v1/chat/completions", authority, CHAT, msg=2, rbody=json.dumps(
-        {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}]}).encode()))
+    recs = run(
+        a,
+        exchange(
+            "/v1/chat/completions",
+            authority,
+            CHAT,
+            msg=2,
+            rbody=json.dumps(
+                {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}]}
+            ).encode(),
+        ),
+    )
     assert recs[0].response.text == "hello" and a.wants_connection() is True
 
 
@@ -279,14 +406,26 @@ def test_model_salvaged_from_a_body_cut_by_a_gap() -> None:
 
 def test_converse_events_wrapped_the_sdk_way() -> None:
     """Some proxies re-frame Bedrock streams as SSE of {"eventName": {...}} objects."""
-    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in [
-        {"messageStart": {"role": "assistant"}},
-        {"contentBlockDelta": {"delta": {"text": "Hel"}, "contentBlockIndex": 0}},
-        {"contentBlockDelta": {"delta": {"text": "lo"}, "contentBlockIndex": 0}},
-        {"messageStop": {"stopReason": "end_turn"}},
-        {"metadata": {"usage": {"inputTokens": 3, "outputTokens": 2}}}])
-    r = run(asm(), exchange("/model/amazon.nova-lite-v1%3A0/converse-stream", "bedrock-runtime.us-east-1.amazonaws.com",
-                            b'{"messages": []}', rheaders=SSE, rbody=sse))[0]
+    sse = b"".join(
+        b"data: " + json.dumps(e).encode() + b"\n\n"
+        for e in [
+            {"messageStart": {"role": "assistant"}},
+            {"contentBlockDelta": {"delta": {"text": "Hel"}, "contentBlockIndex": 0}},
+            {"contentBlockDelta": {"delta": {"text": "lo"}, "contentBlockIndex": 0}},
+            {"messageStop": {"stopReason": "end_turn"}},
+            {"metadata": {"usage": {"inputTokens": 3, "outputTokens": 2}}},
+        ]
+    )
+    r = run(
+        asm(),
+        exchange(
+            "/model/amazon.nova-lite-v1%3A0/converse-stream",
+            "bedrock-runtime.us-east-1.amazonaws.com",
+            b'{"messages": []}',
+            rheaders=SSE,
+            rbody=sse,
+        ),
+    )[0]
     assert (r.response.text, r.response.finish_reason, r.usage.output_tokens, r.error) == ("Hello", "end_turn", 2, None)
 
 
@@ -309,16 +448,28 @@ def test_close_before_the_stream_end_marker_is_broken() -> None:
 
 def test_gemini_url_scheme_on_any_host_is_gemini() -> None:
     det = detect_head("POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", "127.0.0.1:8443", JSON)
-    assert (det.provider, det.api, det.model, det.stream_hint) == ("gemini", "streamGenerateContent", "gemini-2.5-flash", True)
+    assert (det.provider, det.api, det.model, det.stream_hint) == (
+        "gemini",
+        "streamGenerateContent",
+        "gemini-2.5-flash",
+        True,
+    )
 
 
 def test_stream_before_request_end_on_a_body_detected_api() -> None:
     """h2 lets the answer start before the request ends; the format is only known from the body."""
-    sse = (b'data: {"choices":[{"index":0,"delta":{"content":"he"}}]}\n\n'
-           b'data: {"choices":[{"index":0,"delta":{"content":"llo"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    sse = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"he"}}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":"llo"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
     evs = exchange("/gw/run", "gw.example", CHAT, rheaders=SSE, rbody=sse)
     order = [evs[0], evs[1], evs[3], evs[4], evs[2], evs[5]]  # head, data, RESPONSE head+data, request end, end
     r = run(asm(), order)[0]
-    assert (r.provider, r.api, r.response.text, r.stream, r.error) == ("openai-compatible", "chat.completions", "hello",
-                                                                         True, None)
+    assert (r.provider, r.api, r.response.text, r.stream, r.error) == (
+        "openai-compatible",
+        "chat.completions",
+        "hello",
+        True,
+        None,
+    )
     assert r.timing.first_token_ns == 30  # the time the delta arrived, not when it was decoded

@@ -9,11 +9,14 @@ from llmspyd.llm.record import LlmExchange, Message, ProcessRef, RequestRecord, 
 from tests.unit.llm_cases import CASES_BY_NAME, events, replay
 
 
-@pytest.mark.parametrize("first,follow_up", [
-    ("openai_chat_tools_stream", "openai_chat_tool_result"),  # tool_call_id
-    ("anthropic_tools_stream", "anthropic_tool_result"),  # tool_use_id
-    ("openai_responses_tools_stream", "openai_responses_tool_result"),  # call_id + previous_response_id
-])
+@pytest.mark.parametrize(
+    "first,follow_up",
+    [
+        ("openai_chat_tools_stream", "openai_chat_tool_result"),  # tool_call_id
+        ("anthropic_tools_stream", "anthropic_tool_result"),  # tool_use_id
+        ("openai_responses_tools_stream", "openai_responses_tool_result"),  # call_id + previous_response_id
+    ],
+)
 def test_tool_result_links_to_the_call(first: str, follow_up: str) -> None:
     tracker = ConversationTracker()
     unrelated = CASES_BY_NAME["gemini_generate"]
@@ -26,12 +29,19 @@ def test_tool_result_links_to_the_call(first: str, follow_up: str) -> None:
     assert tracker.linked == 1
 
 
-def _ex(i: int, pid: int = 1, user: str | None = None, calls=(), results=(), resp_id=None) -> tuple[LlmExchange, list[str]]:
+def _ex(
+    i: int, pid: int = 1, user: str | None = None, calls=(), results=(), resp_id=None
+) -> tuple[LlmExchange, list[str]]:
     msgs = [Message(role="user", content=user)] if user else []
     msgs += [Message(role="tool", tool_call_id=r, content="ok") for r in results]
-    ex = LlmExchange(id=f"ex{i}", provider="p", api="a", process=ProcessRef(pid=pid),
-                     request=RequestRecord(messages=msgs),
-                     response=ResponseRecord(id=resp_id, tool_calls=[ToolCall(id=c, name="f") for c in calls]))
+    ex = LlmExchange(
+        id=f"ex{i}",
+        provider="p",
+        api="a",
+        process=ProcessRef(pid=pid),
+        request=RequestRecord(messages=msgs),
+        response=ResponseRecord(id=resp_id, tool_calls=[ToolCall(id=c, name="f") for c in calls]),
+    )
     return ex, list(results)
 
 

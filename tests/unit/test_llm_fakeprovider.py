@@ -33,8 +33,12 @@ def test_openai_sdk_chat_and_responses(fake: FakeProvider, certs: Certs, h2: boo
     client = openai.OpenAI(api_key="sk-test", base_url=fake.url + "/v1", http_client=http, max_retries=0)
     r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.content == "Hello from gpt-4o-mini! You said: hi"
-    stream = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
@@ -45,19 +49,28 @@ def test_openai_sdk_chat_and_responses(fake: FakeProvider, certs: Certs, h2: boo
 
 @pytest.mark.parametrize("h2", [False, True])
 def test_anthropic_sdk_stream_with_tools(fake: FakeProvider, certs: Certs, h2: bool) -> None:
-    client = anthropic.Anthropic(api_key="sk-ant-test", base_url=fake.url, max_retries=0,
-                                 http_client=httpx2.Client(verify=ssl.create_default_context(cafile=str(certs.ca)), http2=h2))
+    client = anthropic.Anthropic(
+        api_key="sk-ant-test",
+        base_url=fake.url,
+        max_retries=0,
+        http_client=httpx2.Client(verify=ssl.create_default_context(cafile=str(certs.ca)), http2=h2),
+    )
     tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
-    with client.messages.stream(model="claude-x", max_tokens=100, tools=tools,
-                                messages=[{"role": "user", "content": "Weather?"}]) as s:
+    with client.messages.stream(
+        model="claude-x", max_tokens=100, tools=tools, messages=[{"role": "user", "content": "Weather?"}]
+    ) as s:
         msg = s.get_final_message()
     assert msg.stop_reason == "tool_use"
     assert [b.input for b in msg.content if b.type == "tool_use"] == [{"city": "Paris"}]
 
 
 def test_errors_like_the_real_apis(fake: FakeProvider, certs: Certs) -> None:
-    client = openai.OpenAI(api_key="sk-test", base_url=fake.url + "/v1", max_retries=0,
-                           http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(certs.ca))))
+    client = openai.OpenAI(
+        api_key="sk-test",
+        base_url=fake.url + "/v1",
+        max_retries=0,
+        http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(certs.ca))),
+    )
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="error-400", messages=[{"role": "user", "content": "x"}])
     assert e.value.code == "model_not_found"
@@ -72,15 +85,35 @@ def test_streams_leave_in_pieces(fake: FakeProvider, certs: Certs) -> None:
     assert len(pieces) > 5 and all(p.endswith(b"\n\n") for p in pieces)
 
 
-@pytest.mark.parametrize("path,query,req,ctype", [
-    ("/v1beta/models/gemini-2.5-flash:streamGenerateContent", "alt=sse",
-     {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, "text/event-stream"),
-    ("/v1beta/models/gemini-2.5-flash:streamGenerateContent", "",
-     {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, "application/json"),
-    ("/api/chat", "", {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]}, "application/x-ndjson"),
-    ("/model/amazon.nova-pro-v1:0/converse-stream", "", {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
-     "application/vnd.amazon.eventstream"),
-])
+@pytest.mark.parametrize(
+    "path,query,req,ctype",
+    [
+        (
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            "alt=sse",
+            {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+            "text/event-stream",
+        ),
+        (
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            "",
+            {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+            "application/json",
+        ),
+        (
+            "/api/chat",
+            "",
+            {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]},
+            "application/x-ndjson",
+        ),
+        (
+            "/model/amazon.nova-pro-v1:0/converse-stream",
+            "",
+            {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+            "application/vnd.amazon.eventstream",
+        ),
+    ],
+)
 def test_other_formats(fake: FakeProvider, certs: Certs, path: str, query: str, req: dict, ctype: str) -> None:
     with httpx.Client(verify=ssl.create_default_context(cafile=str(certs.ca)), http2=True) as http:
         r = http.post(fake.url + path + (f"?{query}" if query else ""), json=req)

@@ -65,9 +65,12 @@ def test_json_array_time_of_closing_chunk() -> None:
 
 def _msgs() -> bytes:
     return b"".join(
-        encode_message({":event-type": "contentBlockDelta", ":content-type": "application/json", ":message-type": "event"},
-                       json.dumps({"contentBlockIndex": 0, "delta": {"text": f"t{i}"}}).encode())
-        for i in range(5))
+        encode_message(
+            {":event-type": "contentBlockDelta", ":content-type": "application/json", ":message-type": "event"},
+            json.dumps({"contentBlockIndex": 0, "delta": {"text": f"t{i}"}}).encode(),
+        )
+        for i in range(5)
+    )
 
 
 def test_event_stream_roundtrip_and_headers() -> None:
@@ -105,13 +108,30 @@ def test_bad_prelude_crc_stops_the_stream() -> None:
 
 def test_typed_headers() -> None:
     raw = b""
-    for name, typ, val in [(b":a", 0, b""), (b":b", 1, b""), (b"c", 2, b"\x05"), (b"d", 3, b"\x00\x07"),
-                           (b"e", 4, b"\x00\x00\x00\x08"), (b"f", 5, struct.pack(">q", 9)), (b"g", 6, b"\x00\x02hi"),
-                           (b"h", 8, struct.pack(">q", 1000)), (b"i", 9, bytes(range(16)))]:
+    for name, typ, val in [
+        (b":a", 0, b""),
+        (b":b", 1, b""),
+        (b"c", 2, b"\x05"),
+        (b"d", 3, b"\x00\x07"),
+        (b"e", 4, b"\x00\x00\x00\x08"),
+        (b"f", 5, struct.pack(">q", 9)),
+        (b"g", 6, b"\x00\x02hi"),
+        (b"h", 8, struct.pack(">q", 1000)),
+        (b"i", 9, bytes(range(16))),
+    ]:
         raw += bytes([len(name)]) + name + bytes([typ]) + val
     h = parse_headers(raw)
-    assert h == {":a": True, ":b": False, "c": 5, "d": 7, "e": 8, "f": 9, "g": b"hi", "h": 1000,
-                 "i": bytes(range(16)).hex()}
+    assert h == {
+        ":a": True,
+        ":b": False,
+        "c": 5,
+        "d": 7,
+        "e": 8,
+        "f": 9,
+        "g": b"hi",
+        "h": 1000,
+        "i": bytes(range(16)).hex(),
+    }
 
 
 @settings(max_examples=200, deadline=None)
@@ -120,7 +140,9 @@ def test_event_stream_garbage_never_raises(data: bytes) -> None:
     p = EventStreamParser()
     p.feed(data, 1)
     # a garbage prelude almost never has a valid CRC; either way nothing raises
-    assert p.crc_failures + p.messages + (1 if p.broken else 0) + (1 if p.pending_bytes() else 0) >= (1 if len(data) >= 12 else 0)
+    assert p.crc_failures + p.messages + (1 if p.broken else 0) + (1 if p.pending_bytes() else 0) >= (
+        1 if len(data) >= 12 else 0
+    )
 
 
 def test_crc_constant_is_zlib_crc32() -> None:

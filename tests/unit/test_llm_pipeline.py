@@ -39,9 +39,22 @@ class Wire:
         if not data:
             return
         self.t += 1_000_000
-        self.chunks.append(TlsChunk(ts_ns=self.t, pid=77, tid=77, comm="agent", conn=0xC0FFEE, direction=d,
-                                    offset=self.off[d], data=data, call_len=len(data), stack=Stack.OPENSSL, fd=9,
-                                    peer=Peer(socket.AF_INET, "127.0.0.1", 443, 40404)))
+        self.chunks.append(
+            TlsChunk(
+                ts_ns=self.t,
+                pid=77,
+                tid=77,
+                comm="agent",
+                conn=0xC0FFEE,
+                direction=d,
+                offset=self.off[d],
+                data=data,
+                call_len=len(data),
+                stack=Stack.OPENSSL,
+                fd=9,
+                peer=Peer(socket.AF_INET, "127.0.0.1", 443, 40404),
+            )
+        )
         self.off[d] += len(data)
 
     def pieces(self, case: Case) -> list[bytes]:
@@ -86,7 +99,9 @@ def http2(wire: Wire, cases: list[Case]) -> None:
     sids = [1 + 2 * i for i in range(len(cases))]
     for sid, case in zip(sids, cases):
         m = case.meta
-        server.send_headers(sid, [(":status", str(m["status"]))] + [(k, v) for k, v in m["response_headers"] if k not in HOP])
+        server.send_headers(
+            sid, [(":status", str(m["status"]))] + [(k, v) for k, v in m["response_headers"] if k not in HOP]
+        )
     wire.send(Direction.READ, server.data_to_send())
     pieces = [wire.pieces(c) for c in cases]
     for i in range(max(len(p) for p in pieces)):
@@ -109,8 +124,9 @@ def comparable(rec: dict[str, Any]) -> dict[str, Any]:
 
 def run(chunks: list[Any]) -> list[dict[str, Any]]:
     got: list[Any] = []
-    pipe = pipeline.Pipeline(emit=got.append, clock_offset_ns=1,
-                             assembler_factory=lambda ctx: ExchangeAssembler(ctx, ConversationTracker()))
+    pipe = pipeline.Pipeline(
+        emit=got.append, clock_offset_ns=1, assembler_factory=lambda ctx: ExchangeAssembler(ctx, ConversationTracker())
+    )
     for i in range(0, len(chunks), 7):
         pipe.feed(chunks[i : i + 7])
     pipe.feed([ConnClosed(chunks[-1].ts_ns + 1, 77, 0xC0FFEE)])
@@ -131,7 +147,10 @@ def test_all_recordings_over_http1_keep_alive() -> None:
 
 def test_streams_multiplexed_over_http2() -> None:
     picked = [c for c in CASES if c.meta["http_version"] == "2"] + [
-        c for c in CASES if c.name in ("openai_chat_stream", "anthropic_messages_stream_thinking", "bedrock_converse_stream")]
+        c
+        for c in CASES
+        if c.name in ("openai_chat_stream", "anthropic_messages_stream_thinking", "bedrock_converse_stream")
+    ]
     wire = Wire()
     http2(wire, picked)
     recs = {(r["request"]["path"], r["request"]["body"]): r for r in run(wire.chunks)}

@@ -16,12 +16,25 @@ IDS = [c.name for c in CASES]
 
 # every provider family and API the issue lists has at least one recording
 REQUIRED_APIS = {
-    ("openai", "chat.completions"), ("openai", "responses"), ("openai", "completions"), ("openai", "embeddings"),
-    ("anthropic", "messages"), ("gemini", "generateContent"), ("gemini", "streamGenerateContent"),
-    ("azure-openai", "chat.completions"), ("openrouter", "chat.completions"), ("openai-compatible", "chat.completions"),
-    ("litellm", "chat.completions"), ("ollama", "chat.completions"), ("ollama", "ollama.chat"),
-    ("ollama", "ollama.generate"), ("bedrock", "bedrock.converse"), ("bedrock", "bedrock.converseStream"),
-    ("bedrock", "bedrock.invoke"), ("bedrock", "bedrock.invokeStream"), ("generic", "generic"),
+    ("openai", "chat.completions"),
+    ("openai", "responses"),
+    ("openai", "completions"),
+    ("openai", "embeddings"),
+    ("anthropic", "messages"),
+    ("gemini", "generateContent"),
+    ("gemini", "streamGenerateContent"),
+    ("azure-openai", "chat.completions"),
+    ("openrouter", "chat.completions"),
+    ("openai-compatible", "chat.completions"),
+    ("litellm", "chat.completions"),
+    ("ollama", "chat.completions"),
+    ("ollama", "ollama.chat"),
+    ("ollama", "ollama.generate"),
+    ("bedrock", "bedrock.converse"),
+    ("bedrock", "bedrock.converseStream"),
+    ("bedrock", "bedrock.invoke"),
+    ("bedrock", "bedrock.invokeStream"),
+    ("generic", "generic"),
 }
 
 

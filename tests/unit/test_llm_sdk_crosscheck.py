@@ -31,8 +31,12 @@ def _transport(case: Case, mod: Any) -> Any:
 
 
 def _openai(case: Case) -> Any:
-    return openai.OpenAI(api_key="x", base_url="https://api.openai.com/v1", max_retries=0,
-                         http_client=httpx.Client(transport=_transport(case, httpx)))
+    return openai.OpenAI(
+        api_key="x",
+        base_url="https://api.openai.com/v1",
+        max_retries=0,
+        http_client=httpx.Client(transport=_transport(case, httpx)),
+    )
 
 
 def _chat(case: Case) -> dict[str, Any]:
@@ -41,8 +45,11 @@ def _chat(case: Case) -> dict[str, Any]:
     if not req.get("stream"):
         r = client.chat.completions.create(model="m", messages=[])
         m = r.choices[0].message
-        return {"text": m.content or "", "tools": [(t.id, t.function.name, t.function.arguments) for t in m.tool_calls or []],
-                "output_tokens": r.usage.completion_tokens if r.usage else None}
+        return {
+            "text": m.content or "",
+            "tools": [(t.id, t.function.name, t.function.arguments) for t in m.tool_calls or []],
+            "output_tokens": r.usage.completion_tokens if r.usage else None,
+        }
     text, tools, usage = [], {}, None
     for ch in client.chat.completions.create(model="m", messages=[], stream=True):
         usage = ch.usage or usage
@@ -53,8 +60,11 @@ def _chat(case: Case) -> dict[str, Any]:
                 t[0] = tc.id or t[0]
                 t[1] += tc.function.name or "" if tc.function else ""
                 t[2] += tc.function.arguments or "" if tc.function else ""
-    return {"text": "".join(text), "tools": [tuple(v) for v in tools.values()],
-            "output_tokens": usage.completion_tokens if usage else None}
+    return {
+        "text": "".join(text),
+        "tools": [tuple(v) for v in tools.values()],
+        "output_tokens": usage.completion_tokens if usage else None,
+    }
 
 
 def _responses(case: Case) -> dict[str, Any]:
@@ -76,12 +86,16 @@ def _completions(case: Case) -> dict[str, Any]:
     if not json.loads(case.request).get("stream"):
         r = client.completions.create(model="m", prompt="x")
         return {"text": r.choices[0].text, "tools": [], "output_tokens": r.usage.completion_tokens}
-    text = "".join(ch.choices[0].text for ch in client.completions.create(model="m", prompt="x", stream=True) if ch.choices)
+    text = "".join(
+        ch.choices[0].text for ch in client.completions.create(model="m", prompt="x", stream=True) if ch.choices
+    )
     return {"text": text, "tools": [], "output_tokens": None}
 
 
 def _anthropic(case: Case) -> dict[str, Any]:
-    client = anthropic.Anthropic(api_key="x", max_retries=0, http_client=httpx2.Client(transport=_transport(case, httpx2)))
+    client = anthropic.Anthropic(
+        api_key="x", max_retries=0, http_client=httpx2.Client(transport=_transport(case, httpx2))
+    )
     if not json.loads(case.request).get("stream"):
         m = client.messages.create(model="m", max_tokens=1, messages=[])
     else:
@@ -94,16 +108,31 @@ def _anthropic(case: Case) -> dict[str, Any]:
 
 
 READERS = {
-    "openai_chat": _chat, "openai_chat_stream": _chat, "openai_chat_tools_stream": _chat, "openai_chat_tool_result": _chat,
-    "azure_chat_stream": _chat, "openrouter_chat_stream": _chat, "vllm_chat_stream": _chat, "litellm_chat": _chat,
-    "ollama_openai_chat": _chat, "generic_gateway_chat": _chat, "deepseek_reasoner_stream": _chat,
-    "docs_openai_chat_stream": _chat, "docs_anthropic_tools_stream": _anthropic,
+    "openai_chat": _chat,
+    "openai_chat_stream": _chat,
+    "openai_chat_tools_stream": _chat,
+    "openai_chat_tool_result": _chat,
+    "azure_chat_stream": _chat,
+    "openrouter_chat_stream": _chat,
+    "vllm_chat_stream": _chat,
+    "litellm_chat": _chat,
+    "ollama_openai_chat": _chat,
+    "generic_gateway_chat": _chat,
+    "deepseek_reasoner_stream": _chat,
+    "docs_openai_chat_stream": _chat,
+    "docs_anthropic_tools_stream": _anthropic,
     "openai_responses_reasoning_stream": _responses,
-    "openai_responses": _responses, "openai_responses_stream": _responses, "openai_responses_tools_stream": _responses,
+    "openai_responses": _responses,
+    "openai_responses_stream": _responses,
+    "openai_responses_tools_stream": _responses,
     "openai_responses_tool_result": _responses,
-    "openai_completions": _completions, "openai_completions_stream": _completions,
-    "anthropic_messages": _anthropic, "anthropic_messages_stream_thinking": _anthropic,
-    "anthropic_tools_stream": _anthropic, "anthropic_tool_result": _anthropic, "bedrock_invoke": _anthropic,
+    "openai_completions": _completions,
+    "openai_completions_stream": _completions,
+    "anthropic_messages": _anthropic,
+    "anthropic_messages_stream_thinking": _anthropic,
+    "anthropic_tools_stream": _anthropic,
+    "anthropic_tool_result": _anthropic,
+    "bedrock_invoke": _anthropic,
 }
 
 
@@ -116,7 +145,9 @@ def test_sdk_agrees_with_record(name: str) -> None:
     assert resp["text"] == sdk["text"]
     ours = [(t["id"], t["name"], t["arguments"]) for t in resp["tool_calls"]]
     theirs = sdk["tools"]
-    if name.startswith(("anthropic", "bedrock", "docs_anthropic")):  # the SDK re-serializes input objects: compare as JSON
+    if name.startswith(
+        ("anthropic", "bedrock", "docs_anthropic")
+    ):  # the SDK re-serializes input objects: compare as JSON
         ours = [(i, n, json.loads(a)) for i, n, a in ours]
         theirs = [(i, n, json.loads(a)) for i, n, a in theirs]
     assert ours == theirs

@@ -26,7 +26,7 @@ def per_byte(b: bytes) -> list[bytes]:
 
 STREAM = (
     b"\xef\xbb\xbf: comment first\n"
-    b"event: message_start\ndata: {\"a\":1}\n\n"
+    b'event: message_start\ndata: {"a":1}\n\n'
     b"data: line one\r\ndata: line two\r\n\r\n"
     b"id: 7\rdata:no space\r\r"
     b"event: ping\ndata\n\n"
@@ -78,7 +78,7 @@ def test_event_time_is_the_chunk_that_completed_it() -> None:
 
 def test_no_blank_line_no_event_and_pending_counted() -> None:
     p = SseParser()
-    assert p.feed(b"data: {\"partial\": tr", 1) == []
+    assert p.feed(b'data: {"partial": tr', 1) == []
     assert p.pending_bytes() > 0
     assert p.feed(b"ue}\n", 2) == []  # line complete, event not dispatched yet
     assert p.pending_bytes() > 0

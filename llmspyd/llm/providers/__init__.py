@@ -54,9 +54,12 @@ _GENERIC = generic.Generic()
 
 # provider name of an unknown endpoint, from the wire format its body has
 _COMPATIBLE: dict[type, str] = {
-    openai.ChatCompletions: "openai-compatible", openai.Responses: "openai-compatible",
-    openai.Completions: "openai-compatible", openai.Embeddings: "openai-compatible",
-    anthropic.Messages: "anthropic-compatible", gemini.GenerateContent: "gemini-compatible",
+    openai.ChatCompletions: "openai-compatible",
+    openai.Responses: "openai-compatible",
+    openai.Completions: "openai-compatible",
+    openai.Embeddings: "openai-compatible",
+    anthropic.Messages: "anthropic-compatible",
+    gemini.GenerateContent: "gemini-compatible",
 }
 
 _GEMINI_PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$")
@@ -101,8 +104,19 @@ def is_llm_host(authority: str) -> bool:
 # connection, they must not get it muted before the model call that follows.
 _METADATA_SUFFIXES = ("/models", "/api/tags", "/api/version", "/api/ps", "/api/show", "/health", "/v1/models/info")
 # POSTs to LLM APIs that generate nothing: token counting, batch management. Not exchanges.
-_NOT_MODEL_CALLS = ("/count_tokens", ":counttokens", "/batches", "/cancel", "/files", "/uploads", "/api/pull",
-                    "/api/push", "/api/create", "/api/copy", "/api/delete")
+_NOT_MODEL_CALLS = (
+    "/count_tokens",
+    ":counttokens",
+    "/batches",
+    "/cancel",
+    "/files",
+    "/uploads",
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+)
 
 
 def is_llm_metadata(target: str) -> bool:
@@ -146,12 +160,24 @@ def detect_head(method: str, target: str, authority: str, headers: list[tuple[st
     if m:
         model = urllib.parse.unquote(m.group(1))
         api = _BEDROCK_APIS[m.group(2)]
-        fmt: ApiFormat = bedrock.Converse(api) if "converse" in m.group(2) else bedrock.Invoke(bedrock.inner_format(model, None), api)
-        return Detection(provider or "bedrock-compatible", api, fmt, provider == "bedrock", model, api.endswith("Stream"))
+        fmt: ApiFormat = (
+            bedrock.Converse(api)
+            if "converse" in m.group(2)
+            else bedrock.Invoke(bedrock.inner_format(model, None), api)
+        )
+        return Detection(
+            provider or "bedrock-compatible", api, fmt, provider == "bedrock", model, api.endswith("Stream")
+        )
     m = _VERTEX_CLAUDE_PATH.search(path)
     if m:
-        return Detection(provider or "anthropic-compatible", "messages", _MESSAGES, provider is not None, m.group(1),
-                         m.group(2) == "streamRawPredict")
+        return Detection(
+            provider or "anthropic-compatible",
+            "messages",
+            _MESSAGES,
+            provider is not None,
+            m.group(1),
+            m.group(2) == "streamRawPredict",
+        )
     m = _GEMINI_PATH.search(path)
     if m:
         model, method_name = m.group(1), m.group(2)
@@ -172,11 +198,20 @@ def detect_head(method: str, target: str, authority: str, headers: list[tuple[st
         return Detection(provider or "ollama", "ollama.generate", _OLLAMA_GENERATE, provider is not None)
     if lower.endswith(("/api/embed", "/api/embeddings")):
         return Detection(provider or "ollama", "ollama.embed", _OLLAMA_EMBED, provider is not None)
-    for suffix, fmt in (("/chat/completions", _CHAT), ("/responses", _RESPONSES), ("/completions", _COMPLETIONS),
-                        ("/embeddings", _EMBEDDINGS)):
+    for suffix, fmt in (
+        ("/chat/completions", _CHAT),
+        ("/responses", _RESPONSES),
+        ("/completions", _COMPLETIONS),
+        ("/embeddings", _EMBEDDINGS),
+    ):
         if lower.endswith(suffix):
-            return Detection(provider or ("azure-openai" if az else "openai-compatible"), fmt.api, fmt,
-                             provider is not None or az is not None, model)
+            return Detection(
+                provider or ("azure-openai" if az else "openai-compatible"),
+                fmt.api,
+                fmt,
+                provider is not None or az is not None,
+                model,
+            )
     if lower.endswith("/messages"):
         anth = provider or ("anthropic" if _header(headers, "anthropic-version") else "anthropic-compatible")
         return Detection(anth, "messages", _MESSAGES, provider is not None or anth == "anthropic")
@@ -184,19 +219,9 @@ def detect_head(method: str, target: str, authority: str, headers: list[tuple[st
     return Detection(provider or "generic", "generic", _GENERIC, False)
 
 
-def is_anthropic_body(body: dict, headers: list[tuple[str, str]]) -> bool:
-    if _header(headers, "anthropic-version") or "anthropic_version" in body:
-        return True
-    if isinstance(body.get("system"), (str, list)) or isinstance(body.get("thinking"), dict):
-        return True
-    for m in body.get("messages") if isinstance(body.get("messages"), list) else []:
-        for b in d(m).get("content") if isinstance(d(m).get("content"), list) else []:
-            if d(b).get("type") in ("tool_use", "tool_result", "thinking"):
-                return True
-    return False
-
-
-def detect_body(det: Detection, body: Any, path: str, authority: str, headers: list[tuple[str, str]]) -> Detection | None:
+def detect_body(
+    det: Detection, body: Any, path: str, authority: str, headers: list[tuple[str, str]]
+) -> Detection | None:
     """Confirm or refine an unconfident detection from the parsed request body; None: not LLM traffic."""
     if det.confident:
         return det
@@ -210,7 +235,7 @@ def detect_body(det: Detection, body: Any, path: str, authority: str, headers: l
     if isinstance(body.get("contents"), list):
         fmt: ApiFormat = gemini.GenerateContent()
     elif isinstance(body.get("messages"), list):
-        fmt = _MESSAGES if is_anthropic_body(body, headers) else _OLLAMA_CHAT if ollama_host else _CHAT
+        fmt = _MESSAGES if anthropic.is_anthropic_body(body, headers) else _OLLAMA_CHAT if ollama_host else _CHAT
     elif "input" in body and isinstance(body.get("model"), str):
         fmt = _EMBEDDINGS if "embed" in path.lower() else _RESPONSES
     elif isinstance(body.get("prompt"), (str, list)) and isinstance(body.get("model"), str):
@@ -237,4 +262,12 @@ def refine_provider(provider: str, response_headers: list[tuple[str, str]]) -> s
     return provider
 
 
-__all__ = ["Detection", "detect_body", "detect_head", "is_llm_host", "is_llm_metadata", "refine_provider", "split_authority"]
+__all__ = [
+    "Detection",
+    "detect_body",
+    "detect_head",
+    "is_llm_host",
+    "is_llm_metadata",
+    "refine_provider",
+    "split_authority",
+]

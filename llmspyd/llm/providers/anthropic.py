@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from llmspyd.llm.providers.base import (
-    ApiFormat, ParsedRequest, ResponseAcc, args_json, d, lst, params_of, s, text_of,
+    ApiFormat,
+    ParsedRequest,
+    ResponseAcc,
+    args_json,
+    d,
+    lst,
+    params_of,
+    s,
+    text_of,
 )
 from llmspyd.llm.record import Message, Tool, ToolCall
 
@@ -43,8 +52,14 @@ class Messages(ApiFormat):
         req.system = text_of(body.get("system")) if body.get("system") is not None else None
         for t in lst(body.get("tools")):
             t = d(t)
-            req.tools.append(Tool(name=s(t.get("name")) or s(t.get("type")) or "", description=s(t.get("description")),
-                                  parameters=t.get("input_schema"), type=s(t.get("type")) or "function"))
+            req.tools.append(
+                Tool(
+                    name=s(t.get("name")) or s(t.get("type")) or "",
+                    description=s(t.get("description")),
+                    parameters=t.get("input_schema"),
+                    type=s(t.get("type")) or "function",
+                )
+            )
         for m in lst(body.get("messages")):
             m = d(m)
             role = s(m.get("role")) or "?"
@@ -63,8 +78,13 @@ class Messages(ApiFormat):
                 elif typ in ("thinking", "redacted_thinking"):
                     thinking.append(s(block.get("thinking")) or "[redacted_thinking]")
                 elif typ in ("tool_use", "server_tool_use"):
-                    calls.append(ToolCall(id=s(block.get("id")), name=s(block.get("name")) or "",
-                                          arguments=args_json(block.get("input"))))
+                    calls.append(
+                        ToolCall(
+                            id=s(block.get("id")),
+                            name=s(block.get("name")) or "",
+                            arguments=args_json(block.get("input")),
+                        )
+                    )
                 elif typ == "tool_result":
                     tid = s(block.get("tool_use_id"))
                     if tid:
@@ -73,8 +93,14 @@ class Messages(ApiFormat):
                 else:
                     texts.append(f"[{typ}]")
             if texts or thinking or calls or not content:
-                req.messages.append(Message(role=role, content="\n".join(texts) if texts else None, tool_calls=calls,
-                                            thinking="\n".join(thinking) if thinking else None))
+                req.messages.append(
+                    Message(
+                        role=role,
+                        content="\n".join(texts) if texts else None,
+                        tool_calls=calls,
+                        thinking="\n".join(thinking) if thinking else None,
+                    )
+                )
         return req
 
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
@@ -92,12 +118,16 @@ class Messages(ApiFormat):
                 acc.add_thinking(block.get("thinking"))
             elif typ in ("tool_use", "server_tool_use"):
                 t = acc.tool(i)
-                t.id, t.name, t.final_args = s(block.get("id")), s(block.get("name")) or "", args_json(block.get("input"))
+                t.id, t.name, t.final_args = (
+                    s(block.get("id")),
+                    s(block.get("name")) or "",
+                    args_json(block.get("input")),
+                )
         acc.finish_reason = s(body.get("stop_reason"))
         _usage(body.get("usage"), acc)
         acc.done = True
 
-    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int) -> None:
+    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         obj = d(obj)
         typ = s(obj.get("type")) or event or ""
         if typ == "content_block_delta":
@@ -139,7 +169,21 @@ class Messages(ApiFormat):
             # Bedrock InvokeModelWithResponseStream appends its own token counts here
             metrics = d(obj.get("amazon-bedrock-invocationMetrics"))
             if metrics:
-                acc.set_usage(input_tokens=metrics.get("inputTokenCount"), output_tokens=metrics.get("outputTokenCount"))
+                acc.set_usage(
+                    input_tokens=metrics.get("inputTokenCount"), output_tokens=metrics.get("outputTokenCount")
+                )
         elif typ == "error":
             _error(obj, acc, "stream_error")
 
+
+def is_anthropic_body(body: dict, headers: Sequence[tuple[str, str]] = ()) -> bool:
+    """A messages-shaped body in Anthropic's dialect rather than OpenAI's (for proxies on unknown paths)."""
+    if any(k == "anthropic-version" for k, _ in headers) or "anthropic_version" in body:
+        return True
+    if isinstance(body.get("system"), (str, list)) or isinstance(body.get("thinking"), dict):
+        return True
+    for m in lst(body.get("messages")):
+        for b in lst(d(m).get("content")):
+            if d(b).get("type") in ("tool_use", "tool_result", "thinking"):
+                return True
+    return False

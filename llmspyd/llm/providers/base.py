@@ -17,15 +17,67 @@ from llmspyd.llm.record import ExchangeError, Message, Tool, ToolCall, Usage
 
 # Parameters copied from a request body into `parameters` when present (all formats use some of them).
 PARAM_KEYS: tuple[str, ...] = (
-    "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "seed",
-    "stop", "stop_sequences", "presence_penalty", "frequency_penalty", "tool_choice", "parallel_tool_calls",
-    "response_format", "reasoning", "reasoning_effort", "thinking", "stream", "stream_options", "store", "user",
-    "metadata", "service_tier", "logprobs", "top_logprobs", "truncation", "text", "include", "format", "options",
-    "keep_alive", "think", "encoding_format", "dimensions", "previous_response_id", "background", "suffix",
-    "echo", "best_of", "logit_bias", "modalities", "prediction", "verbosity", "safety_identifier",
-    "prompt_cache_key", "raw", "template", "context", "images", "generationConfig", "safetySettings",
-    "toolConfig", "cachedContent", "inferenceConfig", "additionalModelRequestFields", "guardrailConfig",
-    "anthropic_version", "anthropic_beta", "container", "mcp_servers",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "seed",
+    "stop",
+    "stop_sequences",
+    "presence_penalty",
+    "frequency_penalty",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "reasoning",
+    "reasoning_effort",
+    "thinking",
+    "stream",
+    "stream_options",
+    "store",
+    "user",
+    "metadata",
+    "service_tier",
+    "logprobs",
+    "top_logprobs",
+    "truncation",
+    "text",
+    "include",
+    "format",
+    "options",
+    "keep_alive",
+    "think",
+    "encoding_format",
+    "dimensions",
+    "previous_response_id",
+    "background",
+    "suffix",
+    "echo",
+    "best_of",
+    "logit_bias",
+    "modalities",
+    "prediction",
+    "verbosity",
+    "safety_identifier",
+    "prompt_cache_key",
+    "raw",
+    "template",
+    "context",
+    "images",
+    "generationConfig",
+    "safetySettings",
+    "toolConfig",
+    "cachedContent",
+    "inferenceConfig",
+    "additionalModelRequestFields",
+    "guardrailConfig",
+    "anthropic_version",
+    "anthropic_beta",
+    "container",
+    "mcp_servers",
 )
 
 
@@ -112,7 +164,9 @@ class ResponseAcc:
             if isinstance(v, int):
                 setattr(self.usage, k, v)
 
-    def set_error(self, kind: str, message: Any, type_: Any = None, code: Any = None, status: int | None = None) -> None:
+    def set_error(
+        self, kind: str, message: Any, type_: Any = None, code: Any = None, status: int | None = None
+    ) -> None:
         if self.error is None:
             self.error = ExchangeError(
                 kind=kind,
@@ -134,8 +188,11 @@ class ApiFormat:
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
         """A whole (non-streamed) JSON body."""
 
-    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int) -> None:
-        """One decoded stream element (SSE data JSON, NDJSON line, array element, event-stream payload)."""
+    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
+        """One decoded stream element (SSE data JSON, NDJSON line, array element, event-stream payload).
+
+        `ts_ns` is when its bytes arrived; None when a whole body is replayed through the stream logic.
+        """
 
     def on_sse_done(self, acc: ResponseAcc) -> None:
         """`data: [DONE]`."""

@@ -30,7 +30,9 @@ def _blocks(content: Any) -> tuple[str | None, str | None, list[ToolCall], list[
             texts.append(b["text"])
         elif "toolUse" in b:
             tu = d(b["toolUse"])
-            calls.append(ToolCall(id=s(tu.get("toolUseId")), name=s(tu.get("name")) or "", arguments=args_json(tu.get("input"))))
+            calls.append(
+                ToolCall(id=s(tu.get("toolUseId")), name=s(tu.get("name")) or "", arguments=args_json(tu.get("input")))
+            )
         elif "toolResult" in b:
             tr = d(b["toolResult"])
             parts = [s(d(c).get("text")) or args_json(d(c).get("json")) for c in lst(tr.get("content"))]
@@ -55,8 +57,13 @@ class Converse(ApiFormat):
         for t in lst(d(body.get("toolConfig")).get("tools")):
             spec = d(d(t).get("toolSpec"))
             if spec:
-                req.tools.append(Tool(name=s(spec.get("name")) or "", description=s(spec.get("description")),
-                                      parameters=d(spec.get("inputSchema")).get("json")))
+                req.tools.append(
+                    Tool(
+                        name=s(spec.get("name")) or "",
+                        description=s(spec.get("description")),
+                        parameters=d(spec.get("inputSchema")).get("json"),
+                    )
+                )
         for m in lst(body.get("messages")):
             m = d(m)
             text, thinking, calls, results = _blocks(m.get("content"))
@@ -65,14 +72,20 @@ class Converse(ApiFormat):
                 if rid:
                     req.tool_result_ids.append(rid)
             if text is not None or calls or thinking or not results:
-                req.messages.append(Message(role=s(m.get("role")) or "?", content=text, tool_calls=calls, thinking=thinking))
+                req.messages.append(
+                    Message(role=s(m.get("role")) or "?", content=text, tool_calls=calls, thinking=thinking)
+                )
         return req
 
     def _usage(self, u: Any, acc: ResponseAcc) -> None:
         u = d(u)
-        acc.set_usage(input_tokens=u.get("inputTokens"), output_tokens=u.get("outputTokens"),
-                      total_tokens=u.get("totalTokens"), cache_read_tokens=u.get("cacheReadInputTokens"),
-                      cache_write_tokens=u.get("cacheWriteInputTokens"))
+        acc.set_usage(
+            input_tokens=u.get("inputTokens"),
+            output_tokens=u.get("outputTokens"),
+            total_tokens=u.get("totalTokens"),
+            cache_read_tokens=u.get("cacheReadInputTokens"),
+            cache_write_tokens=u.get("cacheWriteInputTokens"),
+        )
 
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
         body = d(body)
@@ -90,7 +103,7 @@ class Converse(ApiFormat):
         self._usage(body.get("usage"), acc)
         acc.done = True
 
-    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int) -> None:
+    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         obj = d(obj)
         if not event and len(obj) == 1:  # SDK-style {"contentBlockDelta": {...}} (proxies re-framing the stream)
             event, obj = next(iter(obj)), d(next(iter(obj.values())))
@@ -130,7 +143,7 @@ class _InnerGeneric(ApiFormat):
         return req
 
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
-        self.on_event(body, None, acc, None)  # type: ignore[arg-type]
+        self.on_event(body, None, acc, None)
         acc.done = True
 
     def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
@@ -149,8 +162,10 @@ class _InnerGeneric(ApiFormat):
             for k, v in obj.items():
                 Converse().on_event(v, k, acc, ts_ns)
         acc.finish_reason = s(obj.get("stop_reason")) or acc.finish_reason
-        acc.set_usage(input_tokens=obj.get("prompt_token_count", obj.get("inputTextTokenCount")),
-                      output_tokens=obj.get("generation_token_count", obj.get("totalOutputTextTokenCount")))
+        acc.set_usage(
+            input_tokens=obj.get("prompt_token_count", obj.get("inputTextTokenCount")),
+            output_tokens=obj.get("generation_token_count", obj.get("totalOutputTextTokenCount")),
+        )
         metrics = d(obj.get("amazon-bedrock-invocationMetrics"))
         if metrics:
             acc.set_usage(input_tokens=metrics.get("inputTokenCount"), output_tokens=metrics.get("outputTokenCount"))
@@ -172,7 +187,7 @@ class Invoke(ApiFormat):
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
         self.inner.parse_response(body, acc)
 
-    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int) -> None:
+    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         b64 = d(obj).get("bytes")
         if event != "chunk" or not isinstance(b64, str):
             return

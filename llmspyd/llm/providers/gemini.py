@@ -25,7 +25,9 @@ def _parts_text(parts: Any) -> tuple[str | None, str | None, list[ToolCall], lis
             (thoughts if p.get("thought") is True else texts).append(p["text"])
         elif "functionCall" in p:
             fc = d(p["functionCall"])
-            calls.append(ToolCall(id=s(fc.get("id")), name=s(fc.get("name")) or "", arguments=args_json(fc.get("args"))))
+            calls.append(
+                ToolCall(id=s(fc.get("id")), name=s(fc.get("name")) or "", arguments=args_json(fc.get("args")))
+            )
         elif "functionResponse" in p:
             fr = d(p["functionResponse"])
             responses.append((s(fr.get("id")), args_json(fr.get("response"))))
@@ -48,8 +50,13 @@ class GenerateContent(ApiFormat):
             t = d(t)
             for fd in lst(t.get("functionDeclarations", t.get("function_declarations"))):
                 fd = d(fd)
-                req.tools.append(Tool(name=s(fd.get("name")) or "", description=s(fd.get("description")),
-                                      parameters=fd.get("parameters") or fd.get("parametersJsonSchema")))
+                req.tools.append(
+                    Tool(
+                        name=s(fd.get("name")) or "",
+                        description=s(fd.get("description")),
+                        parameters=fd.get("parameters") or fd.get("parametersJsonSchema"),
+                    )
+                )
             for k in t:
                 if k not in ("functionDeclarations", "function_declarations"):
                     req.tools.append(Tool(name=k, type=k))
@@ -68,17 +75,21 @@ class GenerateContent(ApiFormat):
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
         if isinstance(body, list):  # non-streamed body of streamGenerateContent: the whole array at once
             for el in body:
-                self.on_event(el, None, acc, None)  # type: ignore[arg-type]
+                self.on_event(el, None, acc, None)
         else:
-            self.on_event(body, None, acc, None)  # type: ignore[arg-type]
+            self.on_event(body, None, acc, None)
         acc.done = acc.error is None
 
     def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         obj = d(obj)
         err = obj.get("error")
         if isinstance(err, dict):
-            acc.set_error("stream_error" if ts_ns is not None else "http_error", err.get("message", ""),
-                          err.get("status"), err.get("code"))
+            acc.set_error(
+                "stream_error" if ts_ns is not None else "http_error",
+                err.get("message", ""),
+                err.get("status"),
+                err.get("code"),
+            )
             return
         acc.response_id = acc.response_id or s(obj.get("responseId"))
         acc.model = acc.model or s(obj.get("modelVersion"))
@@ -98,9 +109,13 @@ class GenerateContent(ApiFormat):
             acc.finish_reason = fb["blockReason"]
         u = d(obj.get("usageMetadata"))
         if u:
-            acc.set_usage(input_tokens=u.get("promptTokenCount"), output_tokens=u.get("candidatesTokenCount"),
-                          total_tokens=u.get("totalTokenCount"), cache_read_tokens=u.get("cachedContentTokenCount"),
-                          reasoning_tokens=u.get("thoughtsTokenCount"))
+            acc.set_usage(
+                input_tokens=u.get("promptTokenCount"),
+                output_tokens=u.get("candidatesTokenCount"),
+                total_tokens=u.get("totalTokenCount"),
+                cache_read_tokens=u.get("cachedContentTokenCount"),
+                reasoning_tokens=u.get("thoughtsTokenCount"),
+            )
             if acc.finish_reason:
                 acc.done = True
 
@@ -120,7 +135,9 @@ class EmbedContent(ApiFormat):
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
         body = d(body)
         if isinstance(body.get("error"), dict):
-            acc.set_error("http_error", body["error"].get("message", ""), body["error"].get("status"), body["error"].get("code"))
+            acc.set_error(
+                "http_error", body["error"].get("message", ""), body["error"].get("status"), body["error"].get("code")
+            )
             return
         embs = lst(body.get("embeddings")) or ([body["embedding"]] if "embedding" in body else [])
         acc.embeddings = len(embs)

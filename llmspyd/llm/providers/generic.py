@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmspyd.llm.providers.anthropic import Messages
+from llmspyd.llm.providers.anthropic import Messages, is_anthropic_body
 from llmspyd.llm.providers.base import ApiFormat, ParsedRequest, ResponseAcc, args_json, d, lst, params_of, s, text_of
 from llmspyd.llm.providers.gemini import GenerateContent
 from llmspyd.llm.providers.ollama import Chat as OllamaChat
@@ -62,8 +62,7 @@ class Generic(ApiFormat):
     def parse_request(self, body: Any) -> ParsedRequest:
         body = d(body)
         if "messages" in body:
-            req = _ANTHROPIC.parse_request(body) if "system" in body or "max_tokens" in body and "anthropic_version" in body \
-                else _CHAT.parse_request(body)
+            req = (_ANTHROPIC if is_anthropic_body(body) else _CHAT).parse_request(body)
         elif "contents" in body:
             req = _GEMINI.parse_request(body)
         else:
@@ -71,7 +70,9 @@ class Generic(ApiFormat):
             for k in ("prompt", "input", "inputs", "inputText"):
                 if k in body:
                     v = body[k]
-                    req.messages.append(Message(role="user", content=v if isinstance(v, str) else text_of(v) or args_json(v)))
+                    req.messages.append(
+                        Message(role="user", content=v if isinstance(v, str) else text_of(v) or args_json(v))
+                    )
                     break
         if isinstance(body.get("stream"), bool):
             req.stream = body["stream"]
@@ -81,7 +82,7 @@ class Generic(ApiFormat):
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
         if isinstance(body, list):
             for el in body:
-                self.on_event(el, None, acc, None)  # type: ignore[arg-type]
+                self.on_event(el, None, acc, None)
             acc.done = True
             return
         obj = d(body)
@@ -91,8 +92,11 @@ class Generic(ApiFormat):
             return
         if isinstance(obj.get("error"), (dict, str)):
             err = obj["error"]
-            acc.set_error("http_error", d(err).get("message", "") if isinstance(err, dict) else err,
-                          d(err).get("type") if isinstance(err, dict) else None)
+            acc.set_error(
+                "http_error",
+                d(err).get("message", "") if isinstance(err, dict) else err,
+                d(err).get("type") if isinstance(err, dict) else None,
+            )
             return
         self._text_fields(obj, acc, None)
         acc.done = True
@@ -101,7 +105,7 @@ class Generic(ApiFormat):
         obj = d(obj)
         fmt = _shape(obj)
         if fmt is not None:
-            fmt.on_event(obj, event, acc, ts_ns)  # type: ignore[arg-type]
+            fmt.on_event(obj, event, acc, ts_ns)
         elif isinstance(obj.get("error"), (dict, str)):
             err = obj["error"]
             acc.set_error("stream_error", d(err).get("message", "") if isinstance(err, dict) else err)

@@ -11,7 +11,9 @@ from llmspyd.llm.record import Message, Tool, ToolCall
 def _common(obj: dict, acc: ResponseAcc, ts_ns: int | None) -> bool:
     err = obj.get("error")
     if err is not None:
-        acc.set_error("stream_error" if ts_ns is not None else "http_error", err if isinstance(err, str) else args_json(err))
+        acc.set_error(
+            "stream_error" if ts_ns is not None else "http_error", err if isinstance(err, str) else args_json(err)
+        )
         return True
     acc.model = acc.model or s(obj.get("model"))
     if obj.get("done") is True:
@@ -25,7 +27,9 @@ def _tools(v: Any) -> list[Tool]:
     out = []
     for t in lst(v):
         fn = d(d(t).get("function"))
-        out.append(Tool(name=s(fn.get("name")) or "", description=s(fn.get("description")), parameters=fn.get("parameters")))
+        out.append(
+            Tool(name=s(fn.get("name")) or "", description=s(fn.get("description")), parameters=fn.get("parameters"))
+        )
     return out
 
 
@@ -35,7 +39,9 @@ class Chat(ApiFormat):
     def parse_request(self, body: Any) -> ParsedRequest:
         body = d(body)
         req = ParsedRequest(model=s(body.get("model")), parameters=params_of(body), tools=_tools(body.get("tools")))
-        req.stream = body["stream"] if isinstance(body.get("stream"), bool) else True  # Ollama streams unless told not to
+        req.stream = (
+            body["stream"] if isinstance(body.get("stream"), bool) else True
+        )  # Ollama streams unless told not to
         system = []
         for m in lst(body.get("messages")):
             m = d(m)
@@ -43,11 +49,22 @@ class Chat(ApiFormat):
             if role == "system":
                 system.append(s(m.get("content")) or "")
                 continue
-            calls = [ToolCall(id=s(d(tc).get("id")), name=s(d(d(tc).get("function")).get("name")) or "",
-                              arguments=args_json(d(d(tc).get("function")).get("arguments")))
-                     for tc in lst(m.get("tool_calls"))]
-            msg = Message(role=role, content=s(m.get("content")), tool_calls=calls, thinking=s(m.get("thinking")),
-                          name=s(m.get("tool_name")) or s(m.get("name")), tool_call_id=s(m.get("tool_call_id")))
+            calls = [
+                ToolCall(
+                    id=s(d(tc).get("id")),
+                    name=s(d(d(tc).get("function")).get("name")) or "",
+                    arguments=args_json(d(d(tc).get("function")).get("arguments")),
+                )
+                for tc in lst(m.get("tool_calls"))
+            ]
+            msg = Message(
+                role=role,
+                content=s(m.get("content")),
+                tool_calls=calls,
+                thinking=s(m.get("thinking")),
+                name=s(m.get("tool_name")) or s(m.get("name")),
+                tool_call_id=s(m.get("tool_call_id")),
+            )
             if msg.tool_call_id:
                 req.tool_result_ids.append(msg.tool_call_id)
             req.messages.append(msg)
@@ -55,7 +72,7 @@ class Chat(ApiFormat):
         return req
 
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
-        self.on_event(body, None, acc, None)  # type: ignore[arg-type]
+        self.on_event(body, None, acc, None)
 
     def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         obj = d(obj)
@@ -84,7 +101,7 @@ class Generate(ApiFormat):
         return req
 
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
-        self.on_event(body, None, acc, None)  # type: ignore[arg-type]
+        self.on_event(body, None, acc, None)
 
     def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         obj = d(obj)

@@ -10,7 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from llmspyd.llm.providers.base import (
-    ApiFormat, ParsedRequest, ResponseAcc, args_json, d, lst, params_of, s, text_of,
+    ApiFormat,
+    ParsedRequest,
+    ResponseAcc,
+    args_json,
+    d,
+    lst,
+    params_of,
+    s,
+    text_of,
 )
 from llmspyd.llm.record import Message, Tool, ToolCall
 
@@ -45,8 +53,14 @@ def _tools(v: Any) -> list[Tool]:
         t = d(t)
         fn = d(t.get("function")) if "function" in t else t  # chat nests under "function"; responses is flat
         name = s(fn.get("name")) or s(t.get("type")) or ""
-        out.append(Tool(name=name, description=s(fn.get("description")), parameters=fn.get("parameters"),
-                        type=s(t.get("type")) or "function"))
+        out.append(
+            Tool(
+                name=name,
+                description=s(fn.get("description")),
+                parameters=fn.get("parameters"),
+                type=s(t.get("type")) or "function",
+            )
+        )
     return out
 
 
@@ -55,8 +69,14 @@ def _msg_tool_calls(v: Any) -> list[ToolCall]:
     for tc in lst(v):
         tc = d(tc)
         fn = d(tc.get("function"))
-        out.append(ToolCall(id=s(tc.get("id")), name=s(fn.get("name")) or "", arguments=args_json(fn.get("arguments")),
-                            type=s(tc.get("type")) or "function"))
+        out.append(
+            ToolCall(
+                id=s(tc.get("id")),
+                name=s(fn.get("name")) or "",
+                arguments=args_json(fn.get("arguments")),
+                type=s(tc.get("type")) or "function",
+            )
+        )
     return out
 
 
@@ -77,9 +97,14 @@ class ChatCompletions(ApiFormat):
                 if content:
                     system.append(content)
                 continue
-            msg = Message(role=role, content=content, tool_calls=_msg_tool_calls(m.get("tool_calls")),
-                          tool_call_id=s(m.get("tool_call_id")), name=s(m.get("name")),
-                          thinking=s(m.get("reasoning_content")) or s(m.get("reasoning")))
+            msg = Message(
+                role=role,
+                content=content,
+                tool_calls=_msg_tool_calls(m.get("tool_calls")),
+                tool_call_id=s(m.get("tool_call_id")),
+                name=s(m.get("name")),
+                thinking=s(m.get("reasoning_content")) or s(m.get("reasoning")),
+            )
             if msg.tool_call_id:
                 req.tool_result_ids.append(msg.tool_call_id)
             req.messages.append(msg)
@@ -105,7 +130,7 @@ class ChatCompletions(ApiFormat):
         _usage_chat(body.get("usage"), acc)
         acc.done = True
 
-    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int) -> None:
+    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         obj = d(obj)
         if _openai_error(obj, acc, "stream_error"):
             return
@@ -154,7 +179,7 @@ class Completions(ApiFormat):
         return req
 
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
-        self.on_event(body, None, acc, None)  # type: ignore[arg-type]
+        self.on_event(body, None, acc, None)
         acc.done = True
 
     def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
@@ -218,13 +243,24 @@ def _responses_input(v: Any, req: ParsedRequest) -> None:
                 continue
             req.messages.append(Message(role=role, content=content))
         elif typ == "function_call":
-            req.messages.append(Message(role="assistant", tool_calls=[ToolCall(
-                id=s(it.get("call_id")), name=s(it.get("name")) or "", arguments=args_json(it.get("arguments")))]))
+            req.messages.append(
+                Message(
+                    role="assistant",
+                    tool_calls=[
+                        ToolCall(
+                            id=s(it.get("call_id")),
+                            name=s(it.get("name")) or "",
+                            arguments=args_json(it.get("arguments")),
+                        )
+                    ],
+                )
+            )
         elif typ in ("function_call_output", "custom_tool_call_output"):
             cid = s(it.get("call_id"))
             out = it.get("output")
-            req.messages.append(Message(role="tool", tool_call_id=cid,
-                                        content=out if isinstance(out, str) else text_of(out)))
+            req.messages.append(
+                Message(role="tool", tool_call_id=cid, content=out if isinstance(out, str) else text_of(out))
+            )
             if cid:
                 req.tool_result_ids.append(cid)
         elif typ == "reasoning":
@@ -239,8 +275,9 @@ class Responses(ApiFormat):
 
     def parse_request(self, body: Any) -> ParsedRequest:
         body = d(body)
-        req = ParsedRequest(model=s(body.get("model")), parameters=params_of(body, ("instructions",)),
-                            tools=_tools(body.get("tools")))
+        req = ParsedRequest(
+            model=s(body.get("model")), parameters=params_of(body, ("instructions",)), tools=_tools(body.get("tools"))
+        )
         req.parameters.pop("instructions", None)
         if isinstance(body.get("stream"), bool):
             req.stream = body["stream"]
@@ -265,11 +302,14 @@ class Responses(ApiFormat):
         acc.finish_reason = s(incomplete) or status or acc.finish_reason
         err = r.get("error")
         if isinstance(err, dict):
-            acc.set_error("stream_error" if replace else "http_error", err.get("message", ""), err.get("type"), err.get("code"))
+            acc.set_error(
+                "stream_error" if replace else "http_error", err.get("message", ""), err.get("type"), err.get("code")
+            )
         u = d(r.get("usage"))
         if u:
             acc.set_usage(
-                input_tokens=u.get("input_tokens"), output_tokens=u.get("output_tokens"),
+                input_tokens=u.get("input_tokens"),
+                output_tokens=u.get("output_tokens"),
                 total_tokens=u.get("total_tokens"),
                 cache_read_tokens=d(u.get("input_tokens_details")).get("cached_tokens"),
                 reasoning_tokens=d(u.get("output_tokens_details")).get("reasoning_tokens"),
@@ -298,13 +338,18 @@ class Responses(ApiFormat):
 
     def parse_response(self, body: Any, acc: ResponseAcc) -> None:
         body = d(body)
-        if "error" in body and not body.get("output") and isinstance(body.get("error"), dict) and not body.get("object"):
+        if (
+            "error" in body
+            and not body.get("output")
+            and isinstance(body.get("error"), dict)
+            and not body.get("object")
+        ):
             _openai_error(body, acc, "http_error")
             return
         self._response_obj(body, acc, replace=False)
         acc.done = True
 
-    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int) -> None:
+    def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         obj = d(obj)
         typ = s(obj.get("type")) or event or ""
         if typ.endswith(".delta"):
@@ -332,5 +377,6 @@ class Responses(ApiFormat):
             acc.done = True
         elif typ == "error":
             err = d(obj.get("error")) or obj
-            acc.set_error("stream_error", err.get("message", ""), err.get("type") if err is not obj else None,
-                          err.get("code"))
+            acc.set_error(
+                "stream_error", err.get("message", ""), err.get("type") if err is not obj else None, err.get("code")
+            )
