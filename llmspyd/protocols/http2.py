@@ -55,6 +55,8 @@ MAX_HEADER_LIST_SIZE = 1024 * 1024
 # Streams tracked at once; servers advertise 100-250 concurrent streams. More
 # than this is a leak (streams never ended) and must not grow memory forever.
 MAX_OPEN_STREAMS = 4096
+# Response bytes kept for streams whose request record has not arrived yet.
+MAX_EARLY_BYTES = 1024 * 1024
 
 _RST_NO_ERROR = 0
 _ERROR_NAMES = {
@@ -107,6 +109,9 @@ class Http2Connection:
         self._client = _Side(True)
         self._server = _Side(False)
         self._streams: dict[int, Msg] = {}
+        self._max_client_sid = 0  # highest stream the client opened
+        self._early: dict[int, list[tuple]] = {}  # server frames of streams not opened yet (see _stash)
+        self._early_bytes = 0
         self.dead = False  # connection state lost: nothing more is parsed
         self.goaway: tuple[str, int, str] | None = None  # (sender, last_stream_id, error) of the last GOAWAY
         self.counters: dict[str, int] = {
@@ -184,6 +189,8 @@ class Http2Connection:
         return self._drain()
 
     def close(self, ts_ns: int) -> list[HttpEvent]:
+        for sid in list(self._early):
+            self._drop_early(sid)  # responses whose request never showed up
         for msg in list(self._streams.values()):
             msg.break_(ts_ns, "closed", "connection closed with the stream open")
         self._streams.clear()
@@ -316,76 +323,133 @@ class Http2Connection:
             self.counters["pushes_ignored"] += 1
             return
         sid = block.stream_id
+        if side.is_client:
+            self._client_headers(sid, fields, block, ts)
+            return
+        msg = self._streams.get(sid)
+        if msg is None:
+            self._stash(sid, ("headers", fields, block.ts_ns, block.end_stream, ts), 0)
+            return
+        self._server_headers(msg, fields, block.ts_ns, block.end_stream, ts)
+
+    def _client_headers(self, sid: int, fields: Headers, block: _HeaderBlock, ts: int) -> None:
         pseudo = {n: v for n, v in fields if n.startswith(":")}
         headers = [(n, v) for n, v in fields if not n.startswith(":")]
         msg = self._streams.get(sid)
-        if side.is_client:
-            if msg is None:
-                if not pseudo:
-                    self.counters["frames_unknown_stream"] += 1  # trailers of a stream we dropped
-                    return
-                msg = Msg(sid, self._out, self.counters, block.ts_ns)
-                self.counters["streams"] += 1
-                msg.request_head(
-                    RequestHead(
-                        sid,
-                        block.ts_ns,
-                        pseudo.get(":method", ""),
-                        pseudo.get(":path", ""),
-                        headers,
-                        "2",
-                        pseudo.get(":authority", "") or next((v for n, v in headers if n == "host"), ""),
-                    )
-                )
-                if len(self._streams) >= MAX_OPEN_STREAMS:
-                    msg.break_(ts, "limit", f"more than {MAX_OPEN_STREAMS} open streams")
-                else:
-                    self._streams[sid] = msg
-                if block.end_stream:
-                    msg.request_end(ts)
+        if msg is not None:
+            msg.request_end(ts, headers)  # a second header block from the client is its trailers
+            self._request_ended(sid, msg, ts)
+            self._forget_if_done(sid, msg)
+            return
+        if not pseudo:
+            self.counters["frames_unknown_stream"] += 1  # trailers of a stream we dropped
+            return
+        msg = Msg(sid, self._out, self.counters, block.ts_ns)
+        self.counters["streams"] += 1
+        self._max_client_sid = max(self._max_client_sid, sid)
+        msg.request_head(
+            RequestHead(
+                sid,
+                block.ts_ns,
+                pseudo.get(":method", ""),
+                pseudo.get(":path", ""),
+                headers,
+                "2",
+                pseudo.get(":authority", "") or next((v for n, v in headers if n == "host"), ""),
+            )
+        )
+        if len(self._streams) >= MAX_OPEN_STREAMS:
+            msg.break_(ts, "limit", f"more than {MAX_OPEN_STREAMS} open streams")
+            self._drop_early(sid)
+            return
+        self._streams[sid] = msg
+        if block.end_stream:
+            msg.request_end(ts)
+            self._request_ended(sid, msg, ts)
+            self._forget_if_done(sid, msg)
+
+    def _server_headers(self, msg: Msg, fields: Headers, head_ts: int, end_stream: bool, ts: int) -> None:
+        if not msg.resp_started:
+            status_s = next((v for n, v in fields if n == ":status"), "")
+            if not status_s.isdigit():
+                msg.break_(ts, "parse_error", "response without a valid :status")
             else:
-                # a second header block from the client is its trailers
-                msg.request_end(ts, headers)
+                status = int(status_s)
+                if 100 <= status < 200:
+                    return  # interim response; the final one follows
+                headers = [(n, v) for n, v in fields if not n.startswith(":")]
+                msg.response_head(ResponseHead(msg.id, head_ts, status, headers))
+                if end_stream:
+                    msg.response_end(ts)
         else:
-            if msg is None:
-                self.counters["frames_unknown_stream"] += 1
-                return
-            if not msg.resp_started:
-                status_s = pseudo.get(":status", "")
-                if not status_s.isdigit():
-                    msg.break_(ts, "parse_error", f"response without a valid :status ({status_s!r})")
-                else:
-                    status = int(status_s)
-                    if 100 <= status < 200:
-                        return  # interim response; the final one follows
-                    msg.response_head(ResponseHead(sid, block.ts_ns, status, headers))
-                    if block.end_stream:
-                        msg.response_end(ts)
-            else:
-                msg.response_end(ts, headers)  # trailers
-        self._forget_if_done(sid, msg)
+            msg.response_end(ts, [(n, v) for n, v in fields if not n.startswith(":")])  # trailers
+        self._forget_if_done(msg.id, msg)
 
     def _data(self, side: _Side, frame: DataFrame, ts: int) -> None:
-        msg = self._streams.get(frame.stream_id)
-        if msg is None:
-            self.counters["frames_unknown_stream"] += 1
-            return
+        sid = frame.stream_id
+        msg = self._streams.get(sid)
         end = "END_STREAM" in frame.flags
+        if msg is None:
+            if not side.is_client:
+                self._stash(sid, ("data", frame.data, end, ts), len(frame.data))
+            else:
+                self.counters["frames_unknown_stream"] += 1
+            return
         if side.is_client:
             msg.request_data(frame.data, ts)
             if end:
                 msg.request_end(ts)
+                self._request_ended(sid, msg, ts)
         else:
-            if not msg.resp_started:
-                msg.break_(ts, "parse_error", "DATA before the response HEADERS")
+            self._server_data(msg, frame.data, end, ts)
+        self._forget_if_done(sid, msg)
+
+    def _server_data(self, msg: Msg, data: bytes, end: bool, ts: int) -> None:
+        if not msg.resp_started:
+            msg.break_(ts, "parse_error", "DATA before the response HEADERS")
+        else:
+            msg.response_data(data, ts)
+            if end:
+                msg.response_end(ts)
+        self._forget_if_done(msg.id, msg)
+
+    # A response may show up before its request: two threads' TLS records can reach the
+    # ring buffer out of order. Server frames of a stream the client has not opened yet
+    # are kept (decoded: HPACK already moved on) and replayed once the request has ended.
+
+    def _stash(self, sid: int, item: tuple, size: int) -> None:
+        if sid % 2 == 0 or sid <= self._max_client_sid:
+            self.counters["frames_unknown_stream"] += 1  # a stream we dropped or never tracked
+            return
+        if self._early_bytes + size > MAX_EARLY_BYTES:
+            self.counters["early_frames_dropped"] = self.counters.get("early_frames_dropped", 0) + 1
+            return
+        self._early.setdefault(sid, []).append(item)
+        self._early_bytes += size
+
+    def _drop_early(self, sid: int) -> None:
+        for item in self._early.pop(sid, ()):
+            if item[0] == "data":
+                self._early_bytes -= len(item[1])
+            self.counters["early_frames_dropped"] = self.counters.get("early_frames_dropped", 0) + 1
+
+    def _request_ended(self, sid: int, msg: Msg, ts: int) -> None:
+        items = self._early.pop(sid, None)
+        if not items:
+            return
+        self.counters["early_responses_replayed"] = self.counters.get("early_responses_replayed", 0) + 1
+        for item in items:
+            if item[0] == "headers":
+                _, fields, head_ts, end_stream, its = item
+                self._server_headers(msg, fields, head_ts, end_stream, its)
             else:
-                msg.response_data(frame.data, ts)
-                if end:
-                    msg.response_end(ts)
-        self._forget_if_done(frame.stream_id, msg)
+                _, data, end, its = item
+                self._early_bytes -= len(data)
+                self._server_data(msg, data, end, its)
 
     def _rst(self, side: _Side, frame: RstStreamFrame, ts: int) -> None:
         self.counters["rst_streams"] += 1
+        self._drop_early(frame.stream_id)
         msg = self._streams.pop(frame.stream_id, None)
         if msg is None:
             return

@@ -311,3 +311,28 @@ def test_gap_across_a_frame_boundary_is_unrecoverable():
     item = w_items[-1]  # /b's HEADERS + DATA: a gap over its start takes HPACK bytes
     conn, ev = _feed_cut(_cut(p.rec, item, 0, 5))
     assert conn.dead and conn.counters["unrecoverable"] == 1
+
+
+def test_response_frames_before_their_late_request_record():
+    """The server's bytes for a stream can reach the ring before the client's HEADERS record."""
+    p = H2Pair()
+    a = p.request("/a", b"ask")
+    p.respond(a, 200, [b"answer"], headers=[("x-r", "1")])
+    # move the client's HEADERS+DATA record after the server's response records
+    w = max(i for i, (d, _, _) in enumerate(p.rec) if d == W)
+    reordered = [x for i, x in enumerate(p.rec) if i != w] + [p.rec[w]]
+    conn = Http2Connection()
+    ev = replay(conn, reordered)
+    assert kinds(ev, a) == FULL and body(ev, a, ResponseData) == b"answer"
+    assert ("x-r", "1") in next(e for e in ev if isinstance(e, ResponseHead)).headers
+    assert conn.counters["early_responses_replayed"] == 1
+
+
+def test_early_frames_of_a_stream_that_never_opens_are_dropped_and_counted():
+    p = H2Pair()
+    a = p.request("/a", b"ask")
+    p.respond(a, 200, [b"answer"])
+    w = max(i for i, (d, _, _) in enumerate(p.rec) if d == W)
+    conn = Http2Connection()
+    ev = replay(conn, [x for i, x in enumerate(p.rec) if i != w], close_ts=10**9)
+    assert ev == [] and conn.counters["early_frames_dropped"] >= 2
