@@ -1,0 +1,136 @@
+"""Format details the recordings do not cover, one small body each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.unit.test_llm_assembler import JSON, SSE, asm, exchange, run
+
+
+def sse(*events: tuple[str | None, dict]) -> bytes:
+    return b"".join(
+        ((f"event: {n}\n" if n else "") + f"data: {json.dumps(d)}\n\n").encode() for n, d in events
+    )
+
+
+NDJSON = [("content-type", "application/x-ndjson")]
+CASES = [
+    (
+        "responses_failed",
+        "/v1/responses",
+        "api.openai.com",
+        SSE,
+        sse(
+            ("response.created", {"type": "response.created", "response": {"id": "r1", "status": "in_progress"}}),
+            ("response.output_text.delta", {"type": "response.output_text.delta", "output_index": 0, "delta": "Hi"}),
+            (
+                "response.failed",
+                {
+                    "type": "response.failed",
+                    "response": {"id": "r1", "status": "failed", "output": [],
+                                 "error": {"code": "server_error", "message": "The model failed."}},
+                },
+            ),
+        ),
+        {"text": "Hi", "finish_reason": "failed", "error": ("stream_error", "The model failed.")},
+    ),
+    (
+        "responses_incomplete",
+        "/v1/responses",
+        "api.openai.com",
+        SSE,
+        sse(
+            ("response.output_text.delta", {"type": "response.output_text.delta", "output_index": 0, "delta": "Lo"}),
+            (
+                "response.incomplete",
+                {
+                    "type": "response.incomplete",
+                    "response": {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"},
+                                 "usage": {"input_tokens": 5, "output_tokens": 16}},
+                },
+            ),
+        ),
+        {"text": "Lo", "finish_reason": "max_output_tokens", "error": None, "output_tokens": 16},
+    ),
+    (
+        "anthropic_overloaded_json",
+        "/v1/messages",
+        "api.anthropic.com",
+        JSON,
+        b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+        {"text": "", "error": ("http_error", "Overloaded", "overloaded_error")},
+    ),
+    (
+        "gemini_blocked_prompt",
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        "generativelanguage.googleapis.com",
+        JSON,
+        b'{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":7,"totalTokenCount":7}}',
+        {"text": "", "finish_reason": "SAFETY", "error": None},
+    ),
+    (
+        "ollama_thinking_stream",
+        "/api/chat",
+        "localhost:11434",
+        NDJSON,
+        b'{"model":"qwen3","message":{"role":"assistant","content":"","thinking":"hmm"},"done":false}\n'
+        b'{"model":"qwen3","message":{"role":"assistant","content":"Hi"},"done":false}\n'
+        b'{"model":"qwen3","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop",'
+        b'"prompt_eval_count":3,"eval_count":2}',  # no final newline: the last line still counts
+        {"text": "Hi", "thinking": "hmm", "finish_reason": "stop", "error": None, "output_tokens": 2},
+    ),
+    (
+        "chat_stream_without_done_marker",
+        "/v1/chat/completions",
+        "api.openai.com",
+        SSE,
+        sse((None, {"choices": [{"index": 0, "delta": {"content": "cut"}}]})),
+        {"text": "cut", "error": ("incomplete", "stream ended without its end event")},
+    ),
+    (
+        "chat_refusal_and_reasoning_field",
+        "/api/v1/chat/completions",
+        "openrouter.ai",
+        SSE,
+        sse(
+            (None, {"choices": [{"index": 0, "delta": {"reasoning": "think "}}]}),
+            (None, {"choices": [{"index": 0, "delta": {"refusal": "I can't."}, "finish_reason": "stop"}]}),
+            (None, {"choices": [{"index": 1, "delta": {"content": "second choice ignored"}}]}),
+        )
+        + b"data: [DONE]\n\n",
+        {"text": "I can't.", "thinking": "think ", "finish_reason": "stop", "error": None},
+    ),
+    (
+        "invalid_sse_json_counted",
+        "/v1/chat/completions",
+        "api.openai.com",
+        SSE,
+        b'data: {"choices": [\n\ndata: {"choices":[{"index":0,"delta":{"content":"ok"}}]}\n\ndata: [DONE]\n\n',
+        {"text": "ok", "error": None, "bad_events": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize("name,target,host,rheaders,body,want", CASES, ids=[c[0] for c in CASES])
+def test_format_detail(name, target, host, rheaders, body, want) -> None:
+    req = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "input": "hi"}'
+    (r,) = run(asm(), exchange(target, host, req, rheaders=rheaders, rbody=body))
+    resp = r.response
+    assert resp.text == want["text"]
+    if "finish_reason" in want:
+        assert resp.finish_reason == want["finish_reason"]
+    if "thinking" in want:
+        assert resp.thinking == want["thinking"]
+    if "output_tokens" in want:
+        assert r.usage.output_tokens == want["output_tokens"]
+    if "bad_events" in want:
+        assert resp.bad_events == want["bad_events"]
+    if want["error"] is None:
+        assert r.error is None and r.complete
+    else:
+        kind, message, *typ = want["error"]
+        assert (r.error.kind, r.error.message) == (kind, message)
+        if typ:
+            assert r.error.type == typ[0]
