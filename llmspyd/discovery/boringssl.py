@@ -100,10 +100,32 @@ class Analysis:
     vaddrs: dict[str, int] = field(default_factory=dict)
     sites: int = 0  # error sites that reference ssl_lib.cc
     functions: int = 0  # functions those sites belong to
+    entries: str = ""  # how function entries were found: "int3 padding" (fast) or "call targets"
 
 
 # ---------------------------------------------------------------------------
 # public entry
+
+
+NOT_CACHED = object()
+
+
+def cached_target(path: str, dev: int, ino: int) -> Target | Uncovered | None | object:
+    """What boringssl_target would answer, from the on-disk cache only (microseconds); NOT_CACHED if unknown.
+
+    For callers that must not block on an analysis (exec handling): when this is NOT_CACHED, run
+    boringssl_target in the background.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    cached = _cache_get(_cache_key(dev, ino, st))
+    return NOT_CACHED if cached is None else _answer(path, dev, ino, cached)
+
+
+def _cache_key(dev: int, ino: int, st: os.stat_result) -> str:
+    return f"{dev}:{ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def boringssl_target(path: str, dev: int, ino: int) -> Target | Uncovered | None:
@@ -112,7 +134,7 @@ def boringssl_target(path: str, dev: int, ino: int) -> Target | Uncovered | None
         st = os.stat(path)
     except OSError:
         return None
-    key = f"{dev}:{ino}:{st.st_size}:{st.st_mtime_ns}"
+    key = _cache_key(dev, ino, st)
     cached = _cache_get(key)
     if cached is None:
         try:
@@ -127,6 +149,10 @@ def boringssl_target(path: str, dev: int, ino: int) -> Target | Uncovered | None
             "seconds": round(a.seconds, 3),
         }
         _cache_put(key, cached)
+    return _answer(path, dev, ino, cached)
+
+
+def _answer(path: str, dev: int, ino: int, cached: dict) -> Target | Uncovered | None:
     if cached.get("rustls"):
         return Uncovered(path=path, dev=dev, ino=ino, stack=Stack.RUSTLS, reason=RUSTLS_REASON)
     if not cached["boringssl"]:
@@ -163,8 +189,20 @@ def _analyse(img: Image) -> Analysis:
         return Analysis(reason="ssl_lib.cc is never referenced by code")
     # only the functions that raise these reasons matter: skip finding the entries of the others
     relevant = [r for r in refs if _quick_reason(img, r, set(strings)) in RELEVANT_OR_UNKNOWN]
-    entries = _call_targets_near(img, relevant)
-    functions = _functions_of(img, relevant, entries)
+    # fast: function entries from int3 padding (clang's default); else from every direct call into the area
+    a = _classify(img, strings, _functions_by_padding(img, relevant), None)
+    a.entries = "int3 padding"
+    if not a.offsets:
+        entries = _call_targets_near(img, relevant)
+        a = _classify(img, strings, _functions_of(img, relevant, entries), entries)
+        a.entries = "call targets"
+    return a
+
+
+def _classify(
+    img: Image, strings: list[int], functions: dict[int, Function], entries: dict[int, list[int]] | None
+) -> Analysis:
+    """Recognise SSL_write and SSL_read among `functions` by the errors they raise, and verify them."""
     sites: dict[int, list[ErrorSite]] = defaultdict(list)
     string_set = set(strings)
     for fn in functions.values():
@@ -180,7 +218,7 @@ def _analyse(img: Image) -> Analysis:
     read_impl = [f for f, r in reasons.items() if READ_IMPL_REASONS <= r and SSL_R_BAD_LENGTH not in r]
     why: list[str] = []
     w = _pick_write(img, functions, write, why)
-    r = _pick_read(img, functions, entries, reasons, read_impl, why)
+    r = _pick_read(img, functions, entries or {}, reasons, read_impl, why)
     if w is None or r is None:
         a.reason = "; ".join(why) or "not found"
         return a
@@ -205,17 +243,19 @@ def find_file_strings(img: Image) -> list[int]:
     """Vaddrs of the NUL-terminated strings ending in ssl_lib.cc (the __FILE__ of ssl/ssl_lib.cc)."""
     out = []
     m = img.data
-    for seg in img.segments:
-        if seg.flags & x86code.PF_X:
-            continue
-        end = seg.offset + seg.filesz
-        q = m.find(FILE_NAME + b"\0", seg.offset, end)
+    ro = img.sections.get(".rodata")
+    # .rodata when the section table says where it is (a Bun executable carries 100+ MB of JS besides)
+    areas = [(ro.offset, ro.offset + ro.size, ro.addr)] if ro is not None and ro.size else [
+        (seg.offset, seg.offset + seg.filesz, seg.vaddr) for seg in img.segments if not seg.flags & x86code.PF_X
+    ]
+    for area, end, vaddr in areas:
+        q = m.find(FILE_NAME + b"\0", area, end)
         while q != -1:
-            if q == seg.offset or m[q - 1] in (0, ord("/")):
+            if q == area or m[q - 1] in (0, ord("/")):
                 s = q
-                while s > seg.offset and m[s - 1] != 0 and q - s < 4096:
+                while s > area and m[s - 1] != 0 and q - s < 4096:
                     s -= 1
-                out.append(s - seg.offset + seg.vaddr)
+                out.append(s - area + vaddr)
             q = m.find(FILE_NAME + b"\0", q + 1, end)
     return out
 
@@ -233,6 +273,43 @@ def _call_targets_near(img: Image, refs: list[int]) -> dict[int, list[int]]:
     for caller, target in x86code.find_rel32_refs(img, [(lo, hi) for lo, hi in ranges], CALL_REL32):
         entries[target].append(caller)
     return entries
+
+
+def _functions_by_padding(img: Image, refs: list[int]) -> dict[int, Function]:
+    """The function containing each ref, its entry found by walking back to int3 padding before a 16-byte boundary.
+
+    A boundary inside a function (int3 after a call that does not return, then an aligned block) is
+    rejected when the function decoded from the previous padded boundary runs past it.
+    """
+    out: dict[int, Function] = {}
+    decoded: dict[int, Function | None] = {}
+
+    def fn_at(a: int) -> Function | None:
+        if a not in decoded:
+            decoded[a] = x86code.decode_function(img, a)
+        return decoded[a]
+
+    def padded(a: int) -> bool:
+        return img.bytes_at(a - 1, 1) == b"\xcc"
+
+    for r in refs:
+        a = r & ~0xF
+        while r - a <= MAX_SITE_DEPTH:
+            if padded(a):
+                fn = fn_at(a)
+                if fn is None or fn.at(r) is None:
+                    break  # the nearest padded boundary does not reach the ref: leave it to the slow path
+                prev = a - 16
+                while a - prev <= MAX_SITE_DEPTH and not padded(prev):
+                    prev -= 16
+                before = fn_at(prev) if padded(prev) else None
+                if before is not None and before.end > a:
+                    a = prev  # `a` is inside the function before it
+                    continue
+                out[a] = fn
+                break
+            a -= 16
+    return out
 
 
 def _functions_of(img: Image, refs: list[int], entries: dict[int, list[int]]) -> dict[int, Function]:
@@ -417,6 +494,9 @@ def _verify_entry(img: Image, fn: Function, why: list[str], role: str, passes_to
         if prev not in (b"\xcc", b"\xc3", b"\x90"):
             why.append(f"{role} candidate {start:#x}: not on a function boundary")
             return False
+    if x86code.first_rel32_ref(img, start, CALL_REL32) is None:
+        why.append(f"{role} candidate {start:#x}: no direct call to it")
+        return False
     first = fn.insns[0]
     if first.mnemonic in ("int3", "nop", "ud2") or first.mnemonic.startswith("j"):
         why.append(f"{role} candidate {start:#x}: starts with {first.mnemonic}")

@@ -194,38 +194,70 @@ def find_rel32_refs(
     a 4-byte exact match; callers verify.
     """
     spans = [targets] if isinstance(targets, tuple) else sorted(targets)
-    m = img.data
     out: list[tuple[int, int]] = []
-    hi_at = shape.disp_at + 2
     for start, end, base_va in ranges if ranges is not None else img.code_ranges():
-        w = start
-        while w < end:
-            wend = min(w + _REL_WINDOW, end - shape.length + 1)
-            if wend <= w:
-                break
-            va0 = base_va + (w - start) + shape.length
-            va1 = base_va + (wend - 1 - start) + shape.length
-            his: set[int] = set()
-            for lo, hi in spans:
-                # displacement range for targets in [lo, hi) from instructions in [w, wend)
-                dmin, dmax = lo - va1, hi - 1 - va0
-                his.update((d & 0xFFFFFFFF) >> 16 for d in range(dmin & ~0xFFFF, dmax + 1, 0x10000))
-                his.add((dmax & 0xFFFFFFFF) >> 16)
-            for h in his:
-                pat = h.to_bytes(2, "little")
-                q = m.find(pat, w + hi_at, wend + hi_at + 1)
-                while q != -1:
-                    p = q - hi_at
-                    if shape.matches(m, p):
-                        d = int.from_bytes(m[p + shape.disp_at : p + shape.disp_at + 4], "little", signed=True)
-                        va = base_va + (p - start)
-                        t = va + shape.length + d
-                        if any(lo <= t < hi for lo, hi in spans):
-                            out.append((va, t))
-                    q = m.find(pat, q + 1, wend + hi_at + 1)
-            w = wend
+        for w in range(start, end, _REL_WINDOW):
+            _scan_window(img, shape, spans, start, end, base_va, w, out)
     out.sort()
     return out
+
+
+def first_rel32_ref(img: Image, target: int, shape: RelShape) -> int | None:
+    """Some `shape` instruction referring to `target`, searched outwards from it (callers are often near)."""
+    for start, end, base_va in img.code_ranges():
+        if not base_va <= target < base_va + (end - start):
+            continue
+        home = start + (target - base_va) // _REL_WINDOW * _REL_WINDOW
+        left, right = home, home + _REL_WINDOW
+        out: list[tuple[int, int]] = []
+        _scan_window(img, shape, [(target, target + 1)], start, end, base_va, home, out)
+        while not out and (left > start or right < end):
+            if left > start:
+                left -= _REL_WINDOW
+                _scan_window(img, shape, [(target, target + 1)], start, end, base_va, max(left, start), out)
+            if right < end:
+                _scan_window(img, shape, [(target, target + 1)], start, end, base_va, right, out)
+                right += _REL_WINDOW
+        if out:
+            return out[0][0]
+    return None
+
+
+def _scan_window(
+    img: Image,
+    shape: RelShape,
+    spans: list[tuple[int, int]],
+    start: int,
+    end: int,
+    base_va: int,
+    w: int,
+    out: list[tuple[int, int]],
+) -> None:
+    m = img.data
+    hi_at = shape.disp_at + 2
+    wend = min(w + _REL_WINDOW, end - shape.length + 1)
+    if wend <= w:
+        return
+    va0 = base_va + (w - start) + shape.length
+    va1 = base_va + (wend - 1 - start) + shape.length
+    his: set[int] = set()
+    for lo, hi in spans:
+        # displacement range for targets in [lo, hi) from instructions in [w, wend)
+        dmin, dmax = lo - va1, hi - 1 - va0
+        his.update((d & 0xFFFFFFFF) >> 16 for d in range(dmin & ~0xFFFF, dmax + 1, 0x10000))
+        his.add((dmax & 0xFFFFFFFF) >> 16)
+    for h in his:
+        pat = h.to_bytes(2, "little")
+        q = m.find(pat, w + hi_at, wend + hi_at)
+        while q != -1:
+            p = q - hi_at
+            if shape.matches(m, p):
+                d = int.from_bytes(m[p + shape.disp_at : p + shape.disp_at + 4], "little", signed=True)
+                va = base_va + (p - start)
+                t = va + shape.length + d
+                if any(lo <= t < hi for lo, hi in spans):
+                    out.append((va, t))
+            q = m.find(pat, q + 1, wend + hi_at)
 
 
 def find_abs32_refs(img: Image, target: int) -> list[int]:

@@ -42,7 +42,12 @@ __attribute__((noinline)) static int ssl_read_impl(SSL *ssl) {
   return 1;
 }
 
-__attribute__((noinline)) int SSL_peek(SSL *ssl, void *buf, int num) {
+#ifdef INLINE_PEEK /* as in Bun and Claude Code: SSL_peek's body inlined into SSL_read */
+static inline __attribute__((always_inline))
+#else
+__attribute__((noinline))
+#endif
+int SSL_peek(SSL *ssl, void *buf, int num) {
   if (ssl->quic_method != NULL) { OPENSSL_PUT_ERROR(66); return -1; }
   int ret = ssl_read_impl(ssl);
   if (ret <= 0) return ret;

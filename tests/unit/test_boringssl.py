@@ -49,6 +49,27 @@ def build(tmp: Path, name: str, flags: list[str], src: Path = SOURCE) -> tuple[P
     return full, stripped
 
 
+def build_int3_padded(tmp: Path, name: str, flags: list[str]) -> tuple[Path, Path]:
+    """Like build(), with SSL_peek inlined into SSL_read and int3 (not nop) between functions, as lld lays out
+    Bun and Claude Code: the finder's fast path (entries from padding, no scan for call targets)."""
+    d = tmp / name / "ssl"
+    d.mkdir(parents=True)
+    shutil.copy(SOURCE, d / "ssl_lib.cc")
+    asm = tmp / name / "x.s"
+    cc = ["clang", "-x", "c", "-O2", "-fcf-protection=none", "-w", "-DINLINE_PEEK", *flags]
+    subprocess.run([*cc, "-S", "-o", str(asm), str(d / "ssl_lib.cc")], check=True)
+    lines = asm.read_text().splitlines()
+    for i, line in enumerate(lines[:-1]):  # only the alignment right before a function, never a loop's
+        if line.strip().startswith(".p2align") and "@function" in lines[i + 1]:
+            lines[i] = "\t.p2align\t4, 0xcc"
+    asm.write_text("\n".join(lines) + "\n")
+    full = tmp / name / "full"
+    subprocess.run(["clang", *flags, "-o", str(full), str(asm)], check=True)
+    stripped = tmp / name / "stripped"
+    subprocess.run(["strip", "-s", "-o", str(stripped), str(full)], check=True)
+    return full, stripped
+
+
 def symbol_offsets(path: Path) -> dict[str, int]:
     """File offsets of the SSL_* functions, from the symbol table (the oracle)."""
     out = subprocess.run(["nm", str(path)], check=True, capture_output=True, text=True).stdout
@@ -78,8 +99,19 @@ def test_finds_the_symbols_offsets_in_stripped_build(builds: dict[str, tuple[Pat
     want = symbol_offsets(full)
     assert set(want) == {"SSL_write", "SSL_read", "SSL_peek"}
     a = boringssl.analyse(str(stripped))
-    assert a.reason == ""
+    assert a.reason == "" and a.entries == "call targets"  # nop padding: entries from direct calls
     # SSL_read, not SSL_peek: here SSL_peek is a separate function and SSL_read only wraps it
+    assert a.offsets == {"SSL_write": [want["SSL_write"]], "SSL_read": [want["SSL_read"]]}
+
+
+@needs_clang
+@pytest.mark.parametrize("variant", ["pie", "nopie_lto_args"])
+def test_fast_path_from_int3_padding(tmp_path: Path, variant: str) -> None:
+    full, stripped = build_int3_padded(tmp_path, variant, VARIANTS[variant])
+    want = symbol_offsets(full)
+    assert "SSL_peek" not in want  # inlined, as in the real binaries
+    a = boringssl.analyse(str(stripped))
+    assert a.reason == "" and a.entries == "int3 padding"
     assert a.offsets == {"SSL_write": [want["SSL_write"]], "SSL_read": [want["SSL_read"]]}
 
 
@@ -142,8 +174,11 @@ def test_result_is_cached_per_file_identity(
     again = boringssl.boringssl_target(str(exe), st.st_dev, st.st_ino)
     assert calls == [] and isinstance(again, Target) and again.offsets == first.offsets
 
-    # a rebuilt file (new mtime) is analysed again
+    assert boringssl.cached_target(str(exe), st.st_dev, st.st_ino).offsets == first.offsets
+
+    # a rebuilt file (new mtime) is analysed again, and is not in the cache before that
     os.utime(exe, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert boringssl.cached_target(str(exe), st.st_dev, st.st_ino) is boringssl.NOT_CACHED
     third = boringssl.boringssl_target(str(exe), st.st_dev, st.st_ino)
     assert calls == [str(exe)] and isinstance(third, Target) and third.offsets == first.offsets
 
