@@ -84,7 +84,8 @@ def http1_chunks(n: int) -> list[TlsChunk]:
     for _ in range(n):
         rec.add(Direction.WRITE, b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        rec.add(Direction.READ, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        rec.add(Direction.READ, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
         for ev in _sse_events():
             rec.add(Direction.READ, b"%x\r\n" % len(ev) + ev + b"\r\n")
         rec.add(Direction.READ, b"0\r\n\r\n")

@@ -25,7 +25,7 @@ from collections import deque
 
 from llmspyd.chunks import Direction
 from llmspyd.protocols.errors import LimitExceeded, LlmspyProtocolError, ParseError
-from llmspyd.protocols.events import ConnectionInfo, Headers, HttpEvent, MessageBroken, RequestHead, ResponseHead
+from llmspyd.protocols.events import ConnectionInfo, Headers, HttpEvent, RequestHead, ResponseHead
 from llmspyd.protocols.msgorder import Msg
 
 # Request/status line plus header fields. h11 defaults to 16 KiB (as node,
@@ -66,7 +66,8 @@ _METHOD_PREFIX = re.compile(
 )
 
 # reader states
-_START, _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _TUNNEL, _RESYNC, _HOLD = range(11)
+(_START, _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _TUNNEL, _RESYNC,
+ _HOLD) = range(11)
 
 
 def parse_fields(lines: list[bytes]) -> Headers:

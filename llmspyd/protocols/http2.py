@@ -266,7 +266,9 @@ class Http2Connection:
             block.frames += 1
             block.size += len(frame.data)
             if block.frames > MAX_CONTINUATION_FRAMES + 1 or block.size > MAX_HEADER_BLOCK_BYTES:
-                raise LimitExceeded(f"header block over {MAX_CONTINUATION_FRAMES} CONTINUATIONs or {MAX_HEADER_BLOCK_BYTES} bytes")
+                raise LimitExceeded(
+                    f"header block over {MAX_CONTINUATION_FRAMES} CONTINUATIONs or {MAX_HEADER_BLOCK_BYTES} bytes"
+                )
             block.fragments.append(frame.data)
             if "END_HEADERS" in frame.flags:
                 side.block = None

@@ -56,7 +56,8 @@ def test_raw_deflate_is_accepted_too():
 
 
 def test_header_parsing_order_and_identity():
-    assert parse_content_encoding([("content-encoding", "gzip, identity"), ("content-encoding", "BR")]) == ["gzip", "br"]
+    headers = [("content-encoding", "gzip, identity"), ("content-encoding", "BR")]
+    assert parse_content_encoding(headers) == ["gzip", "br"]
     assert decoder_for([("content-type", "x")]) is None
     assert decoder_for([("content-encoding", "identity")]) is None
     with pytest.raises(DecodeError, match="compress"):

@@ -29,10 +29,12 @@ def _h11_recording(n: int, rng: random.Random, *, chunked: bool = True):
         req = b'{"q":%d,"pad":"%s"}' % (i, b"p" * rng.randint(0, 80))
         pieces = [b"data: {\"i\":%d,\"k\":%d}\n\n" % (i, k) for k in range(rng.randint(1, 5))]
         use_chunked = chunked and i % 2 == 0
-        headers = [("Transfer-Encoding", "chunked")] if use_chunked else [("Content-Length", str(sum(map(len, pieces))))]
+        length = str(sum(map(len, pieces)))
+        headers = [("Transfer-Encoding", "chunked")] if use_chunked else [("Content-Length", length)]
         start = len(rec)
         h11_exchange(rec, clock, client, server,
-                     h11.Request(method="POST", target=f"/x/{i}", headers=[("Host", "h"), ("Content-Length", str(len(req)))]),
+                     h11.Request(method="POST", target=f"/x/{i}",
+                                 headers=[("Host", "h"), ("Content-Length", str(len(req)))]),
                      [req], h11.Response(status_code=200, headers=headers), pieces)
         meta.append((req, b"".join(pieces), [j for j in range(start, len(rec)) if rec[j][0] == R]))
     return rec, meta
@@ -161,7 +163,8 @@ def test_http2_untouched_recording_is_clean():
         st.integers(0, 400),  # offset
         st.one_of(st.binary(max_size=80), st.sampled_from([
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 3\r\n\r\n{}}",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", b"\x00\x00\x05\x01\x05\x00\x00\x00\x01\x82\x86\x84\x41\x8a",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+            b"\x00\x00\x05\x01\x05\x00\x00\x00\x01\x82\x86\x84\x41\x8a",
         ])),
         st.booleans(),  # close after
     ), max_size=30),

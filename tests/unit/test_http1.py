@@ -43,7 +43,8 @@ def test_keep_alive_content_length_chunked_and_trailers():
         req_body = [b'{"model":"m","n":%d,' % i, b'"messages":[]}']
         chunked = i % 2 == 1
         req_headers = [("Host", "api.example"), ("Content-Type", "application/json")]
-        req_headers.append(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", str(len(b"".join(req_body)))))
+        length = str(len(b"".join(req_body)))
+        req_headers.append(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", length))
         resp_body = [b"data: {\"d\":%d}\n\n" % j for j in range(4)]
         resp_headers = [("Content-Type", "text/event-stream")]
         if i % 2 == 0:
@@ -104,7 +105,8 @@ def test_response_without_length_ends_at_close():
 
 def test_head_204_304_have_no_body_even_with_content_length():
     rec = [
-        (W, b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\nGET /c HTTP/1.1\r\nHost: h\r\n\r\n", 1),
+        (W, b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n", 1),
         (R, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", 2),
         (R, b"HTTP/1.1 204 No Content\r\n\r\n", 3),
         (R, b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n", 4),
@@ -138,7 +140,8 @@ def test_content_encodings_are_undone_on_both_sides():
         name = "deflate" if coding == "raw-deflate" else coding
         enc = _encoded(coding, raw)
         rec = [
-            (W, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n" % (name.encode(), len(enc)) + enc, 1),
+            (W, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+                % (name.encode(), len(enc)) + enc, 1),
             (R, b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % name.encode(), 2),
         ]
         for i in range(0, len(enc), 50):
@@ -175,7 +178,8 @@ def test_corrupt_encoding_breaks_the_message_and_keeps_the_next():
 
 
 def test_unsupported_encoding_is_reported_not_passed_as_text():
-    rec = [(W, b"GET / HTTP/1.1\r\n\r\n", 1), (R, b"HTTP/1.1 200 OK\r\nContent-Encoding: compress\r\nContent-Length: 3\r\n\r\nabc", 2)]
+    rec = [(W, b"GET / HTTP/1.1\r\n\r\n", 1),
+           (R, b"HTTP/1.1 200 OK\r\nContent-Encoding: compress\r\nContent-Length: 3\r\n\r\nabc", 2)]
     per = tr(Http1Connection, rec)
     assert per[1][-1].reason == "decode_error" and "compress" in per[1][-1].detail
 
@@ -372,7 +376,8 @@ def test_error_details_never_quote_captured_bytes():
 def test_transfer_encoding_gzip_chunked_response():
     enc = gzip.compress(b"streamed " * 50)
     rec = [(W, b"GET / HTTP/1.1\r\n\r\n", 1),
-           (R, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n" % len(enc) + enc + b"\r\n0\r\n\r\n", 2)]
+           (R, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n" % len(enc)
+            + enc + b"\r\n0\r\n\r\n", 2)]
     assert body(flat(tr(Http1Connection, rec)), 1, ResponseData) == b"streamed " * 50
 
 

@@ -90,7 +90,8 @@ def test_http1_events_reach_the_assembler_unchanged_and_context_is_filled():
     assert emitted == [("exchange", 0x1000, 1, "ResponseEnd"), ("exchange", 0x1000, 2, "ResponseEnd"),
                        ("closed", 0x1000)]
     ctx = asm.ctx
-    assert (ctx.pid, ctx.comm, ctx.conn, ctx.fd, ctx.stack, ctx.http_version) == (PID, "agent", 0x1000, 7, "openssl", "1.1")
+    assert (ctx.pid, ctx.comm, ctx.conn, ctx.fd, ctx.stack, ctx.http_version) == (
+        PID, "agent", 0x1000, 7, "openssl", "1.1")
     assert ctx.peer.port == 443 and ctx.process.exe == "/usr/bin/agent" and ctx.clock_offset_ns == 1
     c = p.counters
     assert c["connections"] == 1 and c["http1"] == 1 and c["exchanges"] == 3 and c["open_connections"] == 0
@@ -318,15 +319,18 @@ def test_real_assembler_openai_chat_over_http1():
 
 
 def test_real_assembler_anthropic_stream_over_h2():
+    def ev(kind, **fields):
+        return kind, {"type": kind, **fields}
+
     events = [
-        ("message_start", {"type": "message_start", "message": {"id": "msg_1", "model": "claude-x", "role": "assistant",
-                                                                 "content": [], "usage": {"input_tokens": 5, "output_tokens": 0}}}),
-        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}}),
-        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo"}}),
-        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
-        ("message_stop", {"type": "message_stop"}),
+        ev("message_start", message={"id": "msg_1", "model": "claude-x", "role": "assistant", "content": [],
+                                     "usage": {"input_tokens": 5, "output_tokens": 0}}),
+        ev("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+        ev("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hel"}),
+        ev("content_block_delta", index=0, delta={"type": "text_delta", "text": "lo"}),
+        ev("content_block_stop", index=0),
+        ev("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 2}),
+        ev("message_stop"),
     ]
     h2p = H2Pair()
     body = json.dumps({"model": "claude-x", "max_tokens": 10, "stream": True,

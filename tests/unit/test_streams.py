@@ -20,7 +20,8 @@ W, R = Direction.WRITE, Direction.READ
 KEY = ConnKey(10, 0xABC)
 
 
-def chunk(direction: Direction, offset: int, data: bytes, ts: int, *, conn: int = 0xABC, pid: int = 10, **kw) -> TlsChunk:
+def chunk(direction: Direction, offset: int, data: bytes, ts: int, *, conn: int = 0xABC, pid: int = 10,
+          **kw) -> TlsChunk:
     return TlsChunk(
         ts_ns=ts, pid=pid, tid=pid, comm="agent", conn=conn, direction=direction, offset=offset,
         data=data, call_len=kw.pop("call_len", len(data)), **kw,
