@@ -238,7 +238,10 @@ class Http2Connection:
         while total - pos >= FRAME_HEADER_LEN:
             length = int.from_bytes(buf[pos : pos + 3], "big")
             if length > side.max_frame_size:
-                raise ConnectionUnrecoverable(f"frame of {length} bytes exceeds max frame size {side.max_frame_size}")
+                # the peer's SETTINGS may simply not have been seen yet (records out of order):
+                # count it rather than give up; the 24-bit length bounds the buffer anyway
+                self.counters["oversized_frames"] = self.counters.get("oversized_frames", 0) + 1
+                side.max_frame_size = length
             end = pos + FRAME_HEADER_LEN + length
             if end > total:
                 break
