@@ -171,6 +171,7 @@ class Daemon:
         self.ready = True
         self.notifier.notify("READY=1")
         self.notifier.notify("STATUS=" + self.status_line())
+        self.write_status()
 
     def serve(self) -> None:
         watchdog_s = _watchdog_interval()
@@ -182,6 +183,7 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
+                next_status = 0.0  # show the outcome in STATUS= and the status file at once
             now = time.monotonic()
             if watchdog_s:
                 problem = self.health(now)
