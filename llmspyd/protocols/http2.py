@@ -52,6 +52,9 @@ MAX_HEADER_BLOCK_BYTES = 1024 * 1024
 # or metadata headers, which would desynchronise our table; we only read, so
 # allow more, still bounded.
 MAX_HEADER_LIST_SIZE = 1024 * 1024
+# HPACK dynamic table size accepted without having seen the SETTINGS that allow it.
+# Real peers announce 4 KiB (default) to 64 KiB; bounded so a hostile stream cannot grow it.
+MAX_HPACK_TABLE_SIZE = 1024 * 1024
 # Streams tracked at once; servers advertise 100-250 concurrent streams. More
 # than this is a leak (streams never ended) and must not grow memory forever.
 MAX_OPEN_STREAMS = 4096
@@ -91,6 +94,9 @@ class _Side:
         self.buf = bytearray()
         self.buf_ts = 0  # arrival time of buf[0]
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_SIZE)
+        # accept table sizes up front: the SETTINGS that allowed them may be seen after the
+        # block that uses them (records out of order); an encoder cannot exceed what its peer allowed
+        self.decoder.max_allowed_table_size = MAX_HPACK_TABLE_SIZE
         self.preface_left = len(PREFACE) if is_client else 0
         self.block: _HeaderBlock | None = None
         self.max_frame_size = DEFAULT_MAX_FRAME_SIZE  # what the OTHER side accepts, hence may be sent here

@@ -336,3 +336,16 @@ def test_early_frames_of_a_stream_that_never_opens_are_dropped_and_counted():
     conn = Http2Connection()
     ev = replay(conn, [x for i, x in enumerate(p.rec) if i != w], close_ts=10**9)
     assert ev == [] and conn.counters["early_frames_dropped"] >= 2
+
+
+def test_table_size_update_before_its_settings_is_seen(monkeypatch):
+    """A block may use a table size whose SETTINGS we have not seen yet (records out of order)."""
+    p = H2Pair(client_settings={1: 65536})
+    a = p.request("/a", b"1")
+    p.respond(a, 200, [b"x"], headers=[("x-big", "b" * 3000), ("x-big2", "c" * 3000)])
+    b = p.request("/b", b"2")
+    p.respond(b, 200, [b"y"], headers=[("x-big", "b" * 3000), ("x-big2", "c" * 3000)])
+    assert p.server.encoder.header_table_size == 65536  # the server's encoder really uses the bigger table
+    monkeypatch.setattr(Http2Connection, "_settings", lambda self, side, frame: None)  # as if never seen
+    per = tr(Http2Connection, p.rec)
+    assert ("x-big2", "c" * 3000) in per[b][3].headers
