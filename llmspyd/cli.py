@@ -227,10 +227,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
-# capability numbers (linux/capability.h). Loading BPF and attaching uprobes needs CAP_BPF + CAP_PERFMON;
-# reading other users' /proc/PID/maps, /proc/PID/root and executables needs the next two. CAP_SYS_RESOURCE
+# capability numbers (linux/capability.h). Loading BPF needs CAP_BPF + CAP_PERFMON, and creating uprobe perf
+# events needed CAP_SYS_ADMIN as well on the kernels tested (6.18: EACCES without it); reading other users'
+# /proc/PID/maps, /proc/PID/root and executables needs CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH. CAP_SYS_RESOURCE
 # (RLIMIT_MEMLOCK) only matters before Linux 5.11, which charged BPF memory to memlock instead of the memcg.
-CAPS_REQUIRED = {"CAP_BPF": 39, "CAP_PERFMON": 38}
+CAPS_REQUIRED = {"CAP_BPF": 39, "CAP_PERFMON": 38, "CAP_SYS_ADMIN": 21}
 CAPS_DISCOVERY = {"CAP_SYS_PTRACE": 19, "CAP_DAC_READ_SEARCH": 2}
 CAPS = {**CAPS_REQUIRED, **CAPS_DISCOVERY, "CAP_SYS_RESOURCE": 24}
 BPF_MAP_CREATE = 0
@@ -287,7 +288,7 @@ def doctor_checks(config_dir: str | None, status_file: str) -> list[tuple[str, s
     caps = _cap_eff()
     missing = [n for n, bit in CAPS_REQUIRED.items() if not caps >> bit & 1]
     add("capabilities (BPF)", OK if not missing else FAIL,
-        "CAP_BPF CAP_PERFMON held" if not missing else "missing " + " ".join(missing),
+        " ".join(CAPS_REQUIRED) + " held" if not missing else "missing " + " ".join(missing),
         "run as root or with " + " ".join(CAPS))  # fmt: skip
     weak = [n for n, bit in CAPS_DISCOVERY.items() if not caps >> bit & 1]
     add("capabilities (discovery)", OK if not weak else WARN,
