@@ -317,7 +317,11 @@ class Pipeline:
             return None
         info = self._processes.get(pid)
         if info is None:
-            info = self._process_lookup(pid, comm)
+            try:
+                info = self._process_lookup(pid, comm)
+            except Exception as e:  # noqa: BLE001 - process facts are a bonus, never worth a connection
+                log.debug("process lookup failed", pid=pid, error=str(e))
+                return None
             self._processes[pid] = info
         return info
 

@@ -387,3 +387,13 @@ def test_two_connections_any_cuts_any_batches_same_events(cuts1, cuts2, batch, s
     reference = run(chunks(H1, conn=1), chunks(H2_REC, conn=2), 1000)
     got = run(chunks(split_at(H1, cuts1), conn=1), chunks(split_at(H2_REC, cuts2), conn=2), batch)
     assert got == reference
+
+
+def test_a_failing_process_lookup_costs_nothing():
+    def lookup(pid, comm):
+        raise PermissionError("/proc")
+
+    p, emitted, _ = make(process_lookup=lookup)
+    p.feed(chunks(H1[:2]))
+    assert Collector.instances[0].ctx.process is None and ("exchange", 0x1000, 1, "ResponseEnd") in emitted
+    assert p.counters["stage_errors"] == 0
