@@ -10,9 +10,7 @@ from tests.unit.test_llm_assembler import JSON, SSE, asm, exchange, run
 
 
 def sse(*events: tuple[str | None, dict]) -> bytes:
-    return b"".join(
-        ((f"event: {n}\n" if n else "") + f"data: {json.dumps(d)}\n\n").encode() for n, d in events
-    )
+    return b"".join(((f"event: {n}\n" if n else "") + f"data: {json.dumps(d)}\n\n").encode() for n, d in events)
 
 
 NDJSON = [("content-type", "application/x-ndjson")]
@@ -29,8 +27,12 @@ CASES = [
                 "response.failed",
                 {
                     "type": "response.failed",
-                    "response": {"id": "r1", "status": "failed", "output": [],
-                                 "error": {"code": "server_error", "message": "The model failed."}},
+                    "response": {
+                        "id": "r1",
+                        "status": "failed",
+                        "output": [],
+                        "error": {"code": "server_error", "message": "The model failed."},
+                    },
                 },
             ),
         ),
@@ -47,8 +49,11 @@ CASES = [
                 "response.incomplete",
                 {
                     "type": "response.incomplete",
-                    "response": {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"},
-                                 "usage": {"input_tokens": 5, "output_tokens": 16}},
+                    "response": {
+                        "status": "incomplete",
+                        "incomplete_details": {"reason": "max_output_tokens"},
+                        "usage": {"input_tokens": 5, "output_tokens": 16},
+                    },
                 },
             ),
         ),
@@ -134,3 +139,71 @@ def test_format_detail(name, target, host, rheaders, body, want) -> None:
         assert (r.error.kind, r.error.message) == (kind, message)
         if typ:
             assert r.error.type == typ[0]
+
+
+def _invoke_stream(*inner: dict) -> bytes:
+    import base64
+
+    from llmspyd.llm.eventstream import encode_message
+
+    return b"".join(
+        encode_message(
+            {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"},
+            json.dumps({"bytes": base64.b64encode(json.dumps(x).encode()).decode()}).encode(),
+        )
+        for x in inner
+    )
+
+
+ES = [("content-type", "application/vnd.amazon.eventstream")]
+METRICS = {"amazon-bedrock-invocationMetrics": {"inputTokenCount": 9, "outputTokenCount": 4}}
+
+
+@pytest.mark.parametrize(
+    "model,request_body,chunks,text,finish",
+    [
+        (
+            "meta.llama3-1-8b-instruct-v1%3A0",
+            {"prompt": "<|begin_of_text|>hi", "max_gen_len": 64},
+            [{"generation": "Hel", "stop_reason": None}, {"generation": "lo", "stop_reason": "stop", **METRICS}],
+            "Hello",
+            "stop",
+        ),
+        (
+            "amazon.titan-text-express-v1",
+            {"inputText": "hi", "textGenerationConfig": {"maxTokenCount": 64}},
+            [{"outputText": "Hel", "index": 0}, {"outputText": "lo", "completionReason": "FINISH", **METRICS}],
+            "Hello",
+            "FINISH",
+        ),
+        (
+            "amazon.nova-lite-v1%3A0",
+            {"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+            [
+                {"contentBlockDelta": {"delta": {"text": "Hel"}, "contentBlockIndex": 0}},
+                {"contentBlockDelta": {"delta": {"text": "lo"}, "contentBlockIndex": 0}},
+                {"messageStop": {"stopReason": "end_turn"}, **METRICS},
+            ],
+            "Hello",
+            "end_turn",
+        ),
+    ],
+)
+def test_bedrock_invoke_stream_other_model_families(model, request_body, chunks, text, finish) -> None:
+    (r,) = run(
+        asm(),
+        exchange(
+            f"/model/{model}/invoke-with-response-stream",
+            "bedrock-runtime.us-west-2.amazonaws.com",
+            json.dumps(request_body).encode(),
+            rheaders=ES,
+            rbody=_invoke_stream(*chunks),
+        ),
+    )
+    assert (r.api, r.response.text, r.response.finish_reason, r.usage.output_tokens) == (
+        "bedrock.invokeStream",
+        text,
+        finish,
+        4,
+    )
+    assert r.error is None and r.complete and "hi" in r.request.messages[0].content

@@ -129,6 +129,11 @@ class Converse(ApiFormat):
             acc.done = True
 
 
+CONVERSE_EVENTS = frozenset(
+    {"messageStart", "contentBlockStart", "contentBlockDelta", "contentBlockStop", "messageStop", "metadata"}
+)
+
+
 class _InnerGeneric(ApiFormat):
     """Non-Claude InvokeModel bodies (Titan, Llama, Mistral, Cohere, Nova): pick the text fields they use."""
 
@@ -158,9 +163,8 @@ class _InnerGeneric(ApiFormat):
             acc.add_text(d(o).get("text"), ts_ns)
             acc.finish_reason = s(d(o).get("stop_reason")) or acc.finish_reason
         acc.add_text(s(obj.get("text")) if "generations" not in obj else None, ts_ns)
-        if "contentBlockDelta" in obj:  # Nova streams Converse-shaped events keyed by their type
-            for k, v in obj.items():
-                Converse().on_event(v, k, acc, ts_ns)
+        for k in CONVERSE_EVENTS & obj.keys():  # Nova streams Converse-shaped events keyed by their type
+            Converse().on_event(obj[k], k, acc, ts_ns)
         acc.finish_reason = s(obj.get("stop_reason")) or acc.finish_reason
         acc.set_usage(
             input_tokens=obj.get("prompt_token_count", obj.get("inputTextTokenCount")),
