@@ -473,3 +473,30 @@ def test_stream_before_request_end_on_a_body_detected_api() -> None:
         None,
     )
     assert r.timing.first_token_ns == 30  # the time the delta arrived, not when it was decoded
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_events_dropped_duplicated_or_reordered_never_break_the_assembler(data: st.DataObject) -> None:
+    """Whatever order a buggy or lossy lower layer delivers events in, the assembler stays consistent."""
+    case = data.draw(st.sampled_from(sorted(CASES_BY_NAME.values(), key=lambda c: c.name)))
+    evs = events(case, msg=1) + events(case, msg=2, t0=9_000_000_000)
+    ops = data.draw(st.lists(st.tuples(st.sampled_from(["drop", "dup", "swap"]), st.integers(0, 10_000)), max_size=8))
+    for op, i in ops:
+        i %= len(evs)
+        if op == "drop":
+            del evs[i]
+        elif op == "dup":
+            evs.insert(i, evs[i])
+        else:
+            j = (i + 1) % len(evs)
+            evs[i], evs[j] = evs[j], evs[i]
+        if not evs:
+            break
+    a = asm()
+    out = []
+    for e in evs:
+        out += a.on_event(e)
+    out += a.on_close(10**12)
+    assert a.stats["internal_errors"] == 0
+    assert len(out) <= 4 and all(r.model_dump_json() for r in out)
