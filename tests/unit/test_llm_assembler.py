@@ -500,3 +500,17 @@ def test_events_dropped_duplicated_or_reordered_never_break_the_assembler(data: 
     out += a.on_close(10**12)
     assert a.stats["internal_errors"] == 0
     assert len(out) <= 4 and all(r.model_dump_json() for r in out)
+
+
+def test_bedrock_path_behind_a_proxy_model_only_in_the_url() -> None:
+    body = b'{"messages": [{"role": "user", "content": [{"text": "hi"}]}]}'
+    rbody = b'{"output": {"message": {"role": "assistant", "content": [{"text": "yo"}]}}, "stopReason": "end_turn"}'
+    (r,) = run(
+        asm(), exchange("/bedrock/model/amazon.nova-pro-v1%3A0/converse", "litellm.local:4000", body, rbody=rbody)
+    )
+    assert (r.provider, r.api, r.model, r.response.text) == (
+        "bedrock-compatible",
+        "bedrock.converse",
+        "amazon.nova-pro-v1:0",
+        "yo",
+    )

@@ -225,7 +225,7 @@ def detect_body(
     """Confirm or refine an unconfident detection from the parsed request body; None: not LLM traffic."""
     if det.confident:
         return det
-    if not generic.looks_like_llm_request(body):
+    if not generic.looks_like_llm_request(body, det.model is not None):
         return None
     body = d(body)
     prov = det.provider

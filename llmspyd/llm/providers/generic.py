@@ -30,14 +30,14 @@ _OLLAMA_GEN = OllamaGenerate()
 TEXT_KEYS = ("generated_text", "output_text", "completion", "output", "text", "response", "answer", "content")
 
 
-def looks_like_llm_request(body: Any) -> bool:
-    """A JSON body that names a model and carries a prompt in one of the usual shapes."""
+def looks_like_llm_request(body: Any, model_in_path: bool = False) -> bool:
+    """A JSON body that names a model (or whose URL does) and carries a prompt in one of the usual shapes."""
     body = d(body)
     if not body:
         return False
-    has_model = isinstance(body.get("model"), str) or isinstance(body.get("modelId"), str)
+    has_model = model_in_path or isinstance(body.get("model"), str) or isinstance(body.get("modelId"), str)
     has_prompt = any(k in body for k in ("messages", "prompt", "input", "contents", "inputs", "inputText"))
-    return has_model and has_prompt or "contents" in body and isinstance(body.get("contents"), list)
+    return has_model and has_prompt or isinstance(body.get("contents"), list)
 
 
 def _shape(obj: dict) -> ApiFormat | None:
