@@ -207,3 +207,69 @@ def test_bedrock_invoke_stream_other_model_families(model, request_body, chunks,
         4,
     )
     assert r.error is None and r.complete and "hi" in r.request.messages[0].content
+
+
+def test_gemini_cli_code_assist_wrapping() -> None:
+    """gemini-cli signed in with Google talks to Code Assist: request and responses wrapped one level deeper."""
+    req = {
+        "model": "gemini-2.5-pro",
+        "project": "p-123",
+        "user_prompt_id": "u1",
+        "request": {
+            "contents": [{"role": "user", "parts": [{"text": "list files"}]}],
+            "systemInstruction": {"parts": [{"text": "You are an interactive CLI agent."}]},
+        },
+    }
+    els = [
+        {"response": {"candidates": [{"content": {"role": "model", "parts": [{"text": "Sure"}]}}]}, "traceId": "t"},
+        {
+            "response": {
+                "candidates": [{"content": {"role": "model", "parts": [{"text": "."}]}, "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 2},
+            },
+            "traceId": "t",
+        },
+    ]
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in els)
+    (r,) = run(
+        asm(),
+        exchange(
+            "/v1internal:streamGenerateContent?alt=sse",
+            "cloudcode-pa.googleapis.com",
+            json.dumps(req).encode(),
+            rheaders=SSE,
+            rbody=body,
+        ),
+    )
+    assert (r.provider, r.api, r.model, r.request.system, r.request.messages[0].content) == (
+        "gemini-code-assist",
+        "streamGenerateContent",
+        "gemini-2.5-pro",
+        "You are an interactive CLI agent.",
+        "list files",
+    )
+    assert (r.response.text, r.response.finish_reason, r.usage.output_tokens, r.error) == ("Sure.", "STOP", 2, None)
+
+
+def test_codex_cli_chatgpt_backend() -> None:
+    body = sse(
+        ("response.output_text.delta", {"type": "response.output_text.delta", "output_index": 0, "delta": "ok"}),
+        ("response.completed", {"type": "response.completed", "response": {"status": "completed"}}),
+    )
+    (r,) = run(
+        asm(),
+        exchange(
+            "/backend-api/codex/responses",
+            "chatgpt.com",
+            b'{"model": "gpt-5-codex", "instructions": "You are Codex.", "input": [], "stream": true}',
+            rheaders=SSE,
+            rbody=body,
+        ),
+    )
+    assert (r.provider, r.api, r.model, r.request.system, r.response.text) == (
+        "openai",
+        "responses",
+        "gpt-5-codex",
+        "You are Codex.",
+        "ok",
+    )

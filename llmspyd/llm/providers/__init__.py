@@ -28,6 +28,8 @@ HOST_PROVIDERS: tuple[tuple[str, str], ...] = (
     ("api.anthropic.com", "anthropic"),
     ("generativelanguage.googleapis.com", "gemini"),
     ("aiplatform.googleapis.com", "vertex-ai"),
+    ("cloudcode-pa.googleapis.com", "gemini-code-assist"),  # gemini-cli signed in with a Google account
+    ("chatgpt.com", "openai"),  # Codex CLI signed in with ChatGPT: /backend-api/codex/responses
     (".amazonaws.com", "bedrock"),  # only with bedrock-runtime in the name, see _host_provider
     ("api.mistral.ai", "mistral"),
     ("api.groq.com", "groq"),
@@ -63,6 +65,8 @@ _COMPATIBLE: dict[type, str] = {
 }
 
 _GEMINI_PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$")
+# Code Assist (gemini-cli): /v1internal:streamGenerateContent, the model in the body
+_GEMINI_BARE_PATH = re.compile(r"/[^/:]+:(generateContent|streamGenerateContent)$")
 _VERTEX_CLAUDE_PATH = re.compile(r"/publishers/anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$")
 _BEDROCK_PATH = re.compile(r"/model/([^/]+)/(converse|converse-stream|invoke|invoke-with-response-stream)$")
 _AZURE_DEPLOYMENT = re.compile(r"/openai/deployments/([^/]+)/")
@@ -189,6 +193,13 @@ def detect_head(method: str, target: str, authority: str, headers: list[tuple[st
         # models/M:generateContent is Google's own URL scheme: a proxy or a test server on another host
         # still speaks Gemini
         return Detection(provider or "gemini", fmt.api, fmt, provider is not None, model, stream)
+
+    m = _GEMINI_BARE_PATH.search(path)
+    if m:
+        fmt = gemini.GenerateContent(m.group(1))
+        return Detection(
+            provider or "gemini", fmt.api, fmt, provider is not None, None, m.group(1) == "streamGenerateContent"
+        )
 
     az = _AZURE_DEPLOYMENT.search(path)
     model = urllib.parse.unquote(az.group(1)) if az else None

@@ -42,7 +42,10 @@ class GenerateContent(ApiFormat):
 
     def parse_request(self, body: Any) -> ParsedRequest:
         body = d(body)
-        req = ParsedRequest(model=s(body.get("model")), parameters=params_of(body))
+        model = s(body.get("model"))
+        if "contents" not in body and isinstance(body.get("request"), dict):
+            body = body["request"]  # Code Assist wraps the request: {model, project, user_prompt_id, request}
+        req = ParsedRequest(model=model, parameters=params_of(body))
         sysi = body.get("systemInstruction", body.get("system_instruction"))
         if sysi is not None:
             req.system = _parts_text(d(sysi).get("parts"))[0] if isinstance(sysi, dict) else s(sysi)
@@ -82,6 +85,8 @@ class GenerateContent(ApiFormat):
 
     def on_event(self, obj: Any, event: str | None, acc: ResponseAcc, ts_ns: int | None) -> None:
         obj = d(obj)
+        if "candidates" not in obj and isinstance(obj.get("response"), dict):
+            obj = obj["response"]  # Code Assist wraps each response: {response, traceId}
         err = obj.get("error")
         if isinstance(err, dict):
             acc.set_error(
