@@ -115,6 +115,7 @@ def _args_tail(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--file", help="follow a JSON lines output file instead of the journal")
     src.add_argument("--directory", help="read journal files from this folder (journalctl -D)")
+    src.add_argument("--namespace", help="read this journal namespace (with LogNamespace=, see README)")
     p.add_argument("--full", action="store_true", help="print whole prompts and responses, not excerpts")
 
 
@@ -146,6 +147,8 @@ def _journal_entries(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         cmd.append("-f")
     if args.directory:
         cmd += ["-D", args.directory]
+    if args.namespace:
+        cmd.append(f"--namespace={args.namespace}")
     cmd.append("SYSLOG_IDENTIFIER=llmspyd")  # the daemon's own log lines lack LLM_EXCHANGE_ID: filtered below
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None

@@ -103,7 +103,7 @@ class RedactionSettings(_Strict):
 
 class LimitSettings(_Strict):
     max_call_bytes: int = Field(16 << 20, ge=4096, le=MAX_CALL_BYTES_LIMIT)
-    max_body_bytes: int = Field(8 << 20, ge=0)
+    max_body_bytes: int = Field(4 << 20, ge=0)
     idle_timeout_s: float = Field(300, gt=0)
     max_connections: int = Field(4096, ge=1)
 

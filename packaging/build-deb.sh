@@ -43,6 +43,7 @@ install -d -m 0755 "$STAGE/usr/bin"
 ln -s "$PREFIX/bin/llmspyd" "$STAGE/usr/bin/llmspyd"
 ln -s "$PREFIX/bin/llmspy" "$STAGE/usr/bin/llmspy"
 install -D -m 0644 README.md "$STAGE/usr/share/doc/llmspyd/README.md"
+install -D -m 0644 -t "$STAGE/usr/share/doc/llmspyd/examples" packaging/examples/*
 
 for s in postinst prerm postrm; do install -m 0755 "packaging/debian/$s" "$STAGE/DEBIAN/$s"; done
 install -m 0644 packaging/debian/conffiles "$STAGE/DEBIAN/conffiles"

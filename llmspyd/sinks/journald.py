@@ -231,6 +231,7 @@ def journal_fields(record: Mapping[str, Any]) -> list[Field]:
     fields: list[Field] = [
         ("MESSAGE", summary(record)),
         ("PRIORITY", str(syslog.LOG_WARNING if failed else syslog.LOG_INFO)),
+        ("LLM_FAILED", "1" if failed else "0"),
         ("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER),
     ]
     for name, paths in SCALAR_FIELDS:

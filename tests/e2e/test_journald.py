@@ -147,6 +147,10 @@ def test_fields_queryable(journal: Journal) -> None:
     assert [x["LLM_EXCHANGE_ID"] for x in failed] == ["q2"] and failed[0]["PRIORITY"] == "4"
     assert len(journal.query("SYSLOG_IDENTIFIER=llmspyd", "LLM_PID=4242", expect=2)) >= 2
     assert journal.query("LLM_ERROR_KIND=http_error")[0]["LLM_EXCHANGE_ID"] == "q2"
+    assert [x["LLM_EXCHANGE_ID"] for x in journal.query("LLM_FAILED=1")] == ["q2"]
+    # two matches on one field are alternatives
+    both = journal.query("LLM_MODEL=claude-3-5-haiku", "LLM_MODEL=gpt-4o-mini", expect=2)
+    assert {x["LLM_EXCHANGE_ID"] for x in both} >= {"q1", "q2"}
 
 
 @pytest.mark.parametrize("max_datagram", [None, 0], ids=["default", "memfd"])
