@@ -148,3 +148,52 @@ def test_event_stream_garbage_never_raises(data: bytes) -> None:
 def test_crc_constant_is_zlib_crc32() -> None:
     m = encode_message({":event-type": "x"}, b"{}")
     assert struct.unpack(">I", m[-4:])[0] == zlib.crc32(m[:-4])
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    elements=st.lists(st.dictionaries(st.text(max_size=5), json_values, max_size=4), max_size=6),
+    indent=st.sampled_from([None, 2]),
+    sep=st.sampled_from([",", "\n,", "\r\n,\r\n"]),
+    cuts=st.lists(st.integers(1, 5000), max_size=20),
+)
+def test_json_array_property(elements, indent, sep, cuts) -> None:
+    """Any array of objects, however laid out and split, gives back its elements."""
+    raw = ("[" + sep.join(json.dumps(e, indent=indent) for e in elements) + "]").encode()
+    p = JsonArrayParser()
+    assert [v for v, _ in split_feed(p, raw, cuts)] == elements and p.bad == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["", "message_start", "delta"]),
+            st.lists(
+                st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=10),
+                min_size=1,
+                max_size=3,
+            ),
+        ),
+        max_size=6,
+    ),
+    eol=st.sampled_from(["\n", "\r\n", "\r"]),
+    cuts=st.lists(st.integers(1, 2000), max_size=20),
+)
+def test_sse_property(events, eol, cuts) -> None:
+    """Any events, with any of the three line endings, split anywhere, come back as sent."""
+    from llmspyd.llm.sse import SseParser
+
+    raw = "".join(
+        (f"event: {name}{eol}" if name else "") + "".join(f"data: {line}{eol}" for line in lines) + eol
+        for name, lines in events
+    ).encode()
+    got = [(e.event, e.data) for e in split_feed(SseParser(), raw, cuts)]
+    assert got == [(name or "message", "\n".join(lines)) for name, lines in events]
