@@ -70,11 +70,22 @@ class _Recorder:
 
     def add(self, direction: Direction, data: bytes) -> None:
         for i in range(0, len(data), TLS_RECORD):
-            piece = data[i:i + TLS_RECORD]
+            piece = data[i : i + TLS_RECORD]
             self.ts += 1000
-            self.chunks.append(TlsChunk(ts_ns=self.ts, pid=PID, tid=PID, comm="bench", conn=CONN, direction=direction,
-                                        offset=self.off[direction], data=piece, call_len=len(piece),
-                                        stack=Stack.OPENSSL))
+            self.chunks.append(
+                TlsChunk(
+                    ts_ns=self.ts,
+                    pid=PID,
+                    tid=PID,
+                    comm="bench",
+                    conn=CONN,
+                    direction=direction,
+                    offset=self.off[direction],
+                    data=piece,
+                    call_len=len(piece),
+                    stack=Stack.OPENSSL,
+                )
+            )
             self.off[direction] += len(piece)
 
 
@@ -82,10 +93,14 @@ def http1_chunks(n: int) -> list[TlsChunk]:
     rec = _Recorder()
     body = _request_body()
     for _ in range(n):
-        rec.add(Direction.WRITE, b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        rec.add(Direction.READ, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n")
+        rec.add(
+            Direction.WRITE,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+        )
+        rec.add(
+            Direction.READ, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         for ev in _sse_events():
             rec.add(Direction.READ, b"%x\r\n" % len(ev) + ev + b"\r\n")
         rec.add(Direction.READ, b"0\r\n\r\n")
@@ -122,10 +137,18 @@ def h2_chunks(n: int) -> list[TlsChunk]:
     body = _request_body()
     for _ in range(n):
         sid = client.get_next_available_stream_id()
-        client.send_headers(sid, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "https"),
-                                  (":authority", "api.openai.com"), ("content-type", "application/json")])
+        client.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":path", "/v1/chat/completions"),
+                (":scheme", "https"),
+                (":authority", "api.openai.com"),
+                ("content-type", "application/json"),
+            ],
+        )
         for i in range(0, len(body), 16_000):
-            client.send_data(sid, body[i:i + 16_000])
+            client.send_data(sid, body[i : i + 16_000])
         client.end_stream(sid)
         pump()
         server.send_headers(sid, [(":status", "200"), ("content-type", "text/event-stream")])
@@ -146,13 +169,15 @@ def run(name: str, chunks: list[TlsChunk], n: int, repeat: int = 3) -> None:
         p = Pipeline(emit=lambda x: None, assembler_factory=CountingAssembler, clock_offset_ns=1)
         t0 = time.process_time()
         for i in range(0, len(chunks), 64):  # the reader hands over batches
-            p.feed(chunks[i:i + 64])
+            p.feed(chunks[i : i + 64])
         p.feed([ConnClosed(ts_ns=chunks[-1].ts_ns + 1, pid=PID, conn=CONN)])
         best = min(best, time.process_time() - t0)
         assert CountingAssembler.exchanges == n, (name, CountingAssembler.exchanges)
-    print(f"{name:8s} {size / best / 1e6:8.1f} MB/s  {n / best:8.1f} exchanges/s"
-          f"  {CountingAssembler.events / best:10.0f} events/s"
-          f"  ({size / 1e6:.1f} MB in {len(chunks)} chunks, {best * 1e3:.0f} ms CPU)")
+    print(
+        f"{name:8s} {size / best / 1e6:8.1f} MB/s  {n / best:8.1f} exchanges/s"
+        f"  {CountingAssembler.events / best:10.0f} events/s"
+        f"  ({size / 1e6:.1f} MB in {len(chunks)} chunks, {best * 1e3:.0f} ms CPU)"
+    )
 
 
 def main() -> None:

@@ -64,8 +64,21 @@ _DETECTING, _ACTIVE, _IGNORED = 0, 1, 2
 
 
 class _Conn:
-    __slots__ = ("key", "first", "state", "parser", "assembler", "held", "held_write", "held_read", "midstream",
-                 "last_ts", "protocol", "why_ignored", "idle_flushed")
+    __slots__ = (
+        "assembler",
+        "first",
+        "held",
+        "held_read",
+        "held_write",
+        "idle_flushed",
+        "key",
+        "last_ts",
+        "midstream",
+        "parser",
+        "protocol",
+        "state",
+        "why_ignored",
+    )
 
     def __init__(self, key: ConnKey, first: TlsChunk, ts_ns: int) -> None:
         self.key = key
@@ -113,9 +126,23 @@ class Pipeline:
         self._processes: dict[int, ProcessInfo] = {}
         self._counters: dict[str, int] = dict.fromkeys(
             (
-                "connections", "http1", "h2", "unknown_protocol", "midstream", "parse_errors", "muted", "exchanges",
-                "stage_errors", "emit_errors", "ignored_bytes", "evicted", "idle_flushed", "forgotten", "exit_closed",
-                "exec_closed", "h1_tunnels",
+                "connections",
+                "http1",
+                "h2",
+                "unknown_protocol",
+                "midstream",
+                "parse_errors",
+                "muted",
+                "exchanges",
+                "stage_errors",
+                "emit_errors",
+                "ignored_bytes",
+                "evicted",
+                "idle_flushed",
+                "forgotten",
+                "exit_closed",
+                "exec_closed",
+                "h1_tunnels",
             ),
             0,
         )
@@ -190,8 +217,7 @@ class Pipeline:
                 conn = self._conns.get(ev.key)
                 if conn is None:
                     continue
-                if ev.ts_ns > conn.last_ts:
-                    conn.last_ts = ev.ts_ns
+                conn.last_ts = max(conn.last_ts, ev.ts_ns)
                 conn.idle_flushed = False
                 if conn.state == _IGNORED:
                     if isinstance(ev, StreamData):
@@ -213,8 +239,12 @@ class Pipeline:
         if len(self._conns) >= self.limits.max_connections:
             victim = min(self._conns.values(), key=lambda c: c.last_ts)
             self._counters["evicted"] += 1
-            log.warning("connection table full: closing the least recently active", pid=victim.key.pid,
-                        conn=hex(victim.key.conn), limit=self.limits.max_connections)
+            log.warning(
+                "connection table full: closing the least recently active",
+                pid=victim.key.pid,
+                conn=hex(victim.key.conn),
+                limit=self.limits.max_connections,
+            )
             self._stream_events(self._demux.close(victim.key, ev.ts_ns, "evicted"))
             if victim.key in self._conns:
                 self._finish(victim, ev.ts_ns)
@@ -236,11 +266,15 @@ class Pipeline:
         """safecall: a failure costs this connection, never the batch or the others."""
         try:
             fn(*args)
-        except Exception as e:  # noqa: BLE001 - isolation is the point
+        except Exception as e:  # isolation is the point
             self._counters["stage_errors"] += 1
-            log.error("pipeline stage failed; dropping the connection's state", pid=conn.key.pid,
-                      conn=hex(conn.key.conn), protocol=conn.protocol or "undetected", error=f"{type(e).__name__}: {e}",
-                      exc_info=True)
+            log.exception(
+                "pipeline stage failed; dropping the connection's state",
+                pid=conn.key.pid,
+                conn=hex(conn.key.conn),
+                protocol=conn.protocol or "undetected",
+                error=f"{type(e).__name__}: {e}",
+            )
             self._drop(conn, ts_ns, "stage_error")
 
     def _item(self, conn: _Conn, ev: StreamData | StreamGap) -> None:
@@ -274,8 +308,13 @@ class Pipeline:
         if proto == detect_mod.UNKNOWN:
             self._counters["unknown_protocol"] += 1
             head = bytes(conn.held_write[:4] or conn.held_read[:4])  # a few bytes: enough to tell TLS, SSH, ...
-            log.debug("unknown protocol: connection ignored", pid=conn.key.pid, conn=hex(conn.key.conn),
-                      comm=conn.first.comm, head=head.hex())
+            log.debug(
+                "unknown protocol: connection ignored",
+                pid=conn.key.pid,
+                conn=hex(conn.key.conn),
+                comm=conn.first.comm,
+                head=head.hex(),
+            )
             self._ignore(conn, "unknown_protocol", mute=not final)
             return
         if conn.midstream:
@@ -285,8 +324,9 @@ class Pipeline:
         conn.parser = Http2Connection() if proto == detect_mod.H2 else Http1Connection(midstream=conn.midstream)
         conn.assembler = self._factory(self._context(conn, proto))
         conn.state = _ACTIVE
-        self._deliver(conn, [ConnectionInfo(proto, conn.held[0].ts_ns if conn.held else ts_ns,
-                                            {"midstream": conn.midstream})])
+        self._deliver(
+            conn, [ConnectionInfo(proto, conn.held[0].ts_ns if conn.held else ts_ns, {"midstream": conn.midstream})]
+        )
         held, conn.held = conn.held, []
         conn.held_write = bytearray()
         conn.held_read = bytearray()
@@ -348,9 +388,9 @@ class Pipeline:
         self._counters["exchanges"] += 1
         try:
             self._emit_cb(exchange)
-        except Exception as e:  # noqa: BLE001 - a sink failure must not stop parsing
+        except Exception as e:  # a sink failure must not stop parsing
             self._counters["emit_errors"] += 1
-            log.error("emit failed", error=f"{type(e).__name__}: {e}", exc_info=True)
+            log.exception("emit failed", error=f"{type(e).__name__}: {e}")
 
     def _ignore(self, conn: _Conn, why: str, *, mute: bool) -> None:
         """Stop parsing this connection; bytes that still come are only counted."""
@@ -363,13 +403,13 @@ class Pipeline:
             try:
                 for exchange in asm.on_close(ts):
                     self._emit(exchange)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # the connection is being dropped anyway
                 self._counters["stage_errors"] += 1
-                log.error("assembler close failed", error=f"{type(e).__name__}: {e}", exc_info=True)
+                log.exception("assembler close failed", error=f"{type(e).__name__}: {e}")
         if mute and self._mute_cb is not None:
             try:
                 self._mute_cb(conn.key)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - muting is an optimisation; parsing already stopped
                 log.warning("mute failed", pid=conn.key.pid, conn=hex(conn.key.conn), error=str(e))
 
     def _drop(self, conn: _Conn, ts_ns: int, why: str) -> None:

@@ -184,8 +184,7 @@ class StreamDemux:
             st = _ConnState()
             self._conns[key] = st
             out.append(StreamOpened(key, ch.ts_ns, ch))
-        if ch.ts_ns > st.last_ts:
-            st.last_ts = ch.ts_ns
+        st.last_ts = max(st.last_ts, ch.ts_ns)
         touched[key] = st
         pending = st.pending[d]
         expected = st.next_offset[d]

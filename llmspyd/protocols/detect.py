@@ -28,7 +28,8 @@ _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(rb"[\r\n]*" + _TOKEN + rb" [^ \x00-\x20\x7f]+ HTTP/1\.[01]\r?\n")
 # a request line that is not complete yet: method, then maybe target, then maybe part of the version
 _REQUEST_LINE_PREFIX = re.compile(
-    rb"[\r\n]*(?:" + _TOKEN
+    rb"[\r\n]*(?:"
+    + _TOKEN
     + rb"(?: [^ \x00-\x20\x7f]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?)?)?"
 )
 

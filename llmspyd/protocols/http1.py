@@ -53,9 +53,7 @@ _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}\Z")
 # message starts we re-synchronise on after a gap or a parse error. Not anchored
 # to a line start: a message follows a Content-Length body with no newline.
 # A whole start line is required, so body text rarely matches by accident.
-RESYNC_REQUEST = re.compile(
-    rb"(?:GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS|CONNECT|TRACE) [^ \r\n]+ HTTP/1\.[01]\r?\n"
-)
+RESYNC_REQUEST = re.compile(rb"(?:GET|POST|PUT|DELETE|PATCH|HEAD|OPTIONS|CONNECT|TRACE) [^ \r\n]+ HTTP/1\.[01]\r?\n")
 RESYNC_RESPONSE = re.compile(rb"HTTP/1\.[01] [0-9]{3}(?: [^\r\n]*)?\r?\n")
 
 _METHODS = (b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"HEAD", b"OPTIONS", b"CONNECT", b"TRACE")
@@ -66,8 +64,9 @@ _METHOD_PREFIX = re.compile(
 )
 
 # reader states
-(_START, _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _TUNNEL, _RESYNC,
- _HOLD) = range(11)
+(_START, _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _TUNNEL, _RESYNC, _HOLD) = range(
+    11
+)
 
 
 def parse_fields(lines: list[bytes]) -> Headers:
@@ -122,7 +121,7 @@ def _chunked(headers: Headers) -> bool | None:
 class _Reader:
     """One direction's framing state."""
 
-    __slots__ = ("is_request", "buf", "state", "msg", "remaining", "head_ts", "scan", "trailers", "lost_gap")
+    __slots__ = ("buf", "head_ts", "is_request", "lost_gap", "msg", "remaining", "scan", "state", "trailers")
 
     def __init__(self, is_request: bool) -> None:
         self.is_request = is_request
@@ -288,9 +287,7 @@ class Http1Connection:
         buffer out of order). Keep the bytes until it comes, within a bound."""
         if self._pending or self._resp_after_gap or self._req.lost_gap or self._req.state == _RESYNC:
             return False
-        if len(r.buf) > MAX_RESPONSE_WAIT_BYTES:
-            return False  # give up: it is parsed as an orphan
-        return True
+        return len(r.buf) <= MAX_RESPONSE_WAIT_BYTES  # beyond: give up, it is parsed as an orphan
 
     def _request_arrived(self, ts: int) -> None:
         """A request was read whole: a response head waiting for it can be read now."""
@@ -617,4 +614,3 @@ class Http1Connection:
         self._out.append(
             ConnectionInfo("upgrade", ts, {"msg": msg.id if msg else 0, "upgrade": kind, "held_bytes": held})
         )
-

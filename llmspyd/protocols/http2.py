@@ -63,9 +63,20 @@ MAX_EARLY_BYTES = 1024 * 1024
 
 _RST_NO_ERROR = 0
 _ERROR_NAMES = {
-    0: "NO_ERROR", 1: "PROTOCOL_ERROR", 2: "INTERNAL_ERROR", 3: "FLOW_CONTROL_ERROR", 4: "SETTINGS_TIMEOUT",
-    5: "STREAM_CLOSED", 6: "FRAME_SIZE_ERROR", 7: "REFUSED_STREAM", 8: "CANCEL", 9: "COMPRESSION_ERROR",
-    10: "CONNECT_ERROR", 11: "ENHANCE_YOUR_CALM", 12: "INADEQUATE_SECURITY", 13: "HTTP_1_1_REQUIRED",
+    0: "NO_ERROR",
+    1: "PROTOCOL_ERROR",
+    2: "INTERNAL_ERROR",
+    3: "FLOW_CONTROL_ERROR",
+    4: "SETTINGS_TIMEOUT",
+    5: "STREAM_CLOSED",
+    6: "FRAME_SIZE_ERROR",
+    7: "REFUSED_STREAM",
+    8: "CANCEL",
+    9: "COMPRESSION_ERROR",
+    10: "CONNECT_ERROR",
+    11: "ENHANCE_YOUR_CALM",
+    12: "INADEQUATE_SECURITY",
+    13: "HTTP_1_1_REQUIRED",
 }
 _SETTINGS_HEADER_TABLE_SIZE = 0x1
 _SETTINGS_MAX_FRAME_SIZE = 0x5
@@ -74,7 +85,7 @@ _SETTINGS_MAX_FRAME_SIZE = 0x5
 class _HeaderBlock:
     """A HEADERS/PUSH_PROMISE block waiting for its CONTINUATION frames."""
 
-    __slots__ = ("stream_id", "end_stream", "fragments", "size", "frames", "ts_ns", "push")
+    __slots__ = ("end_stream", "fragments", "frames", "push", "size", "stream_id", "ts_ns")
 
     def __init__(self, stream_id: int, end_stream: bool, fragment: bytes, ts_ns: int, push: bool) -> None:
         self.stream_id = stream_id
@@ -87,7 +98,7 @@ class _HeaderBlock:
 
 
 class _Side:
-    __slots__ = ("is_client", "buf", "buf_ts", "decoder", "preface_left", "block", "max_frame_size", "discard")
+    __slots__ = ("block", "buf", "buf_ts", "decoder", "discard", "is_client", "max_frame_size", "preface_left")
 
     def __init__(self, is_client: bool) -> None:
         self.is_client = is_client
@@ -482,4 +493,3 @@ class Http2Connection:
     def _forget_if_done(self, sid: int, msg: Msg) -> None:
         if msg.done:
             self._streams.pop(sid, None)
-

@@ -34,18 +34,18 @@ _REQ_NONE, _REQ_HEAD, _REQ_ENDED = 0, 1, 2
 
 class Msg:
     __slots__ = (
-        "id",
-        "out",
-        "counters",
-        "req_ts",
-        "method",
-        "req_state",
-        "resp_started",
-        "resp_ended",
         "broken",
+        "counters",
         "held",
+        "id",
+        "method",
+        "out",
         "req_decoder",
+        "req_state",
+        "req_ts",
         "resp_decoder",
+        "resp_ended",
+        "resp_started",
     )
 
     def __init__(self, msg_id: int, out: list[HttpEvent], counters: dict[str, int], req_ts: int = 0) -> None:

@@ -149,8 +149,9 @@ class H2Pair:
     The client's bytes are the traced process's writes, the server's its reads.
     """
 
-    def __init__(self, clock: Clock | None = None, *, client_settings: dict | None = None,
-                 server_settings: dict | None = None) -> None:
+    def __init__(
+        self, clock: Clock | None = None, *, client_settings: dict | None = None, server_settings: dict | None = None
+    ) -> None:
         import h2.config
         import h2.connection
 
@@ -158,7 +159,8 @@ class H2Pair:
         self.rec: Recording = []
         self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.server = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False))
+            h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
+        )
         self.client.initiate_connection()
         self.server.initiate_connection()
         if client_settings:
@@ -186,21 +188,38 @@ class H2Pair:
             if not moved:
                 return
 
-    def request(self, path: str, body: bytes = b"", *, method: str = "POST", extra: list | None = None,
-                end: bool = True) -> int:
+    def request(
+        self, path: str, body: bytes = b"", *, method: str = "POST", extra: list | None = None, end: bool = True
+    ) -> int:
         sid = self.client.get_next_available_stream_id()
-        headers = [(":method", method), (":path", path), (":scheme", "https"), (":authority", "api.example"),
-                   ("content-type", "application/json"), *(extra or [])]
+        headers = [
+            (":method", method),
+            (":path", path),
+            (":scheme", "https"),
+            (":authority", "api.example"),
+            ("content-type", "application/json"),
+            *(extra or []),
+        ]
         self.client.send_headers(sid, headers, end_stream=not body and end)
         if body:
             self.client.send_data(sid, body, end_stream=end)
         self.flush()
         return sid
 
-    def respond(self, sid: int, status: int = 200, pieces: list[bytes] = (), *, headers: list | None = None,
-                trailers: list | None = None, pad: int | None = None, end: bool = True) -> None:
-        self.server.send_headers(sid, [(":status", str(status)), *(headers or [])],
-                                 end_stream=not pieces and not trailers and end)
+    def respond(
+        self,
+        sid: int,
+        status: int = 200,
+        pieces: list[bytes] = (),
+        *,
+        headers: list | None = None,
+        trailers: list | None = None,
+        pad: int | None = None,
+        end: bool = True,
+    ) -> None:
+        self.server.send_headers(
+            sid, [(":status", str(status)), *(headers or [])], end_stream=not pieces and not trailers and end
+        )
         self.flush()
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1 and not trailers and end

@@ -26,7 +26,7 @@ def _enc(coding: str, raw: bytes = RAW) -> bytes:
 
 
 def _run(dec: BodyDecoder, data: bytes, step: int) -> bytes:
-    out = b"".join(dec.feed(data[i:i + step]) for i in range(0, len(data), step))
+    out = b"".join(dec.feed(data[i : i + step]) for i in range(0, len(data), step))
     return out + dec.finish()
 
 

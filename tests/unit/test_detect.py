@@ -13,20 +13,32 @@ def test_h2_preface_needs_all_24_bytes():
     assert detect(PREFACE) == H2 and detect(PREFACE + b"\x00\x00\x00\x04") == H2
 
 
-@pytest.mark.parametrize("line", [
-    b"POST /v1/chat/completions HTTP/1.1\r\n", b"GET / HTTP/1.0\r\n", b"\r\nPATCH /x HTTP/1.1\r\n",
-    b"PROPFIND /dav HTTP/1.1\n",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"POST /v1/chat/completions HTTP/1.1\r\n",
+        b"GET / HTTP/1.0\r\n",
+        b"\r\nPATCH /x HTTP/1.1\r\n",
+        b"PROPFIND /dav HTTP/1.1\n",
+    ],
+)
 def test_request_line_is_http1_and_every_prefix_waits(line):
     assert detect(line) == HTTP1
     assert detect(line + b"Host: h\r\n") == HTTP1
     assert {detect(line[:i]) for i in range(1, len(line))} == {None}
 
 
-@pytest.mark.parametrize("data", [
-    b"\x16\x03\x01\x02\x00", b"SSH-2.0-OpenSSH_9.2\r\n", b'{"jsonrpc":"2.0"}', b"GET /\r\n",
-    b"GET / HTTP/2.0\r\n", b"\x00\x00\x12\x04",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01\x02\x00",
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        b'{"jsonrpc":"2.0"}',
+        b"GET /\r\n",
+        b"GET / HTTP/2.0\r\n",
+        b"\x00\x00\x12\x04",
+    ],
+)
 def test_other_protocols_are_unknown(data):
     assert detect(data) == UNKNOWN
 

@@ -13,11 +13,11 @@ from llmspyd.pipeline import Pipeline
 from llmspyd.protocols.events import MessageBroken, RequestData, ResponseData, ResponseEnd
 from llmspyd.protocols.http1 import Http1Connection
 from llmspyd.protocols.http2 import Http2Connection
-from tests.unit.httpwire import R, W, Clock, H2Pair, body, check_contract, h11_exchange
+from tests.unit.httpwire import Clock, H2Pair, R, W, body, check_contract, h11_exchange
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-_text = st.text(alphabet="abcdefghij {}\":,", min_size=0, max_size=120).map(str.encode)
+_text = st.text(alphabet='abcdefghij {}":,', min_size=0, max_size=120).map(str.encode)
 
 
 def _h11_recording(n: int, rng: random.Random, *, chunked: bool = True):
@@ -27,15 +27,21 @@ def _h11_recording(n: int, rng: random.Random, *, chunked: bool = True):
     meta = []
     for i in range(n):
         req = b'{"q":%d,"pad":"%s"}' % (i, b"p" * rng.randint(0, 80))
-        pieces = [b"data: {\"i\":%d,\"k\":%d}\n\n" % (i, k) for k in range(rng.randint(1, 5))]
+        pieces = [b'data: {"i":%d,"k":%d}\n\n' % (i, k) for k in range(rng.randint(1, 5))]
         use_chunked = chunked and i % 2 == 0
         length = str(sum(map(len, pieces)))
         headers = [("Transfer-Encoding", "chunked")] if use_chunked else [("Content-Length", length)]
         start = len(rec)
-        h11_exchange(rec, clock, client, server,
-                     h11.Request(method="POST", target=f"/x/{i}",
-                                 headers=[("Host", "h"), ("Content-Length", str(len(req)))]),
-                     [req], h11.Response(status_code=200, headers=headers), pieces)
+        h11_exchange(
+            rec,
+            clock,
+            client,
+            server,
+            h11.Request(method="POST", target=f"/x/{i}", headers=[("Host", "h"), ("Content-Length", str(len(req)))]),
+            [req],
+            h11.Response(status_code=200, headers=headers),
+            pieces,
+        )
         meta.append((req, b"".join(pieces), [j for j in range(start, len(rec)) if rec[j][0] == R]))
     return rec, meta
 
@@ -51,13 +57,35 @@ def _feed(conn, items):
 
 
 @FUZZ
-@given(ops=st.lists(st.tuples(st.sampled_from([W, R]), st.one_of(
-    st.binary(max_size=60),
-    st.sampled_from([b"GET / HTTP/1.1\r\n", b"HTTP/1.1 200 OK\r\n", b"\r\n", b"Content-Length: 5\r\n",
-                     b"Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n", b"0\r\n\r\n", b"ffffffffffffffffff\r\n",
-                     b"Content-Length: -1\r\n", b"Upgrade: websocket\r\nConnection: upgrade\r\n",
-                     b"HTTP/1.1 101 Switching\r\n", b"Content-Encoding: gzip\r\n", b"\x1f\x8b\x08\x00garbage"]),
-    st.integers(min_value=1, max_value=10_000))), max_size=40))
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from([W, R]),
+            st.one_of(
+                st.binary(max_size=60),
+                st.sampled_from(
+                    [
+                        b"GET / HTTP/1.1\r\n",
+                        b"HTTP/1.1 200 OK\r\n",
+                        b"\r\n",
+                        b"Content-Length: 5\r\n",
+                        b"Transfer-Encoding: chunked\r\n",
+                        b"5\r\nhello\r\n",
+                        b"0\r\n\r\n",
+                        b"ffffffffffffffffff\r\n",
+                        b"Content-Length: -1\r\n",
+                        b"Upgrade: websocket\r\nConnection: upgrade\r\n",
+                        b"HTTP/1.1 101 Switching\r\n",
+                        b"Content-Encoding: gzip\r\n",
+                        b"\x1f\x8b\x08\x00garbage",
+                    ]
+                ),
+                st.integers(min_value=1, max_value=10_000),
+            ),
+        ),
+        max_size=40,
+    )
+)
 def test_http1_random_input_never_raises_and_keeps_the_contract(ops):
     conn = Http1Connection()
     events = []
@@ -133,7 +161,7 @@ def test_http2_mutations_never_raise(data):
         how = data.draw(st.sampled_from(["flip", "truncate", "insert", "drop", "gap"]))
         if how == "flip" and payload:
             pos = data.draw(st.integers(0, len(payload) - 1))
-            payload = payload[:pos] + bytes([payload[pos] ^ data.draw(st.integers(1, 255))]) + payload[pos + 1:]
+            payload = payload[:pos] + bytes([payload[pos] ^ data.draw(st.integers(1, 255))]) + payload[pos + 1 :]
         elif how == "truncate":
             payload = payload[: data.draw(st.integers(0, len(payload)))]
         elif how == "insert":
@@ -157,25 +185,37 @@ def test_http2_untouched_recording_is_clean():
 
 @FUZZ
 @given(
-    chunks=st.lists(st.tuples(
-        st.integers(1, 3),  # conn
-        st.sampled_from([Direction.WRITE, Direction.READ]),
-        st.integers(0, 400),  # offset
-        st.one_of(st.binary(max_size=80), st.sampled_from([
-            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 3\r\n\r\n{}}",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
-            b"\x00\x00\x05\x01\x05\x00\x00\x00\x01\x82\x86\x84\x41\x8a",
-        ])),
-        st.booleans(),  # close after
-    ), max_size=30),
+    chunks=st.lists(
+        st.tuples(
+            st.integers(1, 3),  # conn
+            st.sampled_from([Direction.WRITE, Direction.READ]),
+            st.integers(0, 400),  # offset
+            st.one_of(
+                st.binary(max_size=80),
+                st.sampled_from(
+                    [
+                        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+                        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 3\r\n\r\n{}}",
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                        b"\x00\x00\x05\x01\x05\x00\x00\x00\x01\x82\x86\x84\x41\x8a",
+                    ]
+                ),
+            ),
+            st.booleans(),  # close after
+        ),
+        max_size=30,
+    ),
 )
 def test_pipeline_never_lets_an_exception_out(chunks):
     emitted = []
     p = Pipeline(emit=emitted.append, clock_offset_ns=1)
     batch = []
     for ts, (conn, d, off, data, close) in enumerate(chunks):
-        batch.append(TlsChunk(ts_ns=ts, pid=1, tid=1, comm="f", conn=conn, direction=d, offset=off, data=data,
-                              call_len=len(data)))
+        batch.append(
+            TlsChunk(
+                ts_ns=ts, pid=1, tid=1, comm="f", conn=conn, direction=d, offset=off, data=data, call_len=len(data)
+            )
+        )
         if close:
             batch.append(ConnClosed(ts_ns=ts, pid=1, conn=conn))
         if ts % 3 == 0:

@@ -22,7 +22,7 @@ from llmspyd.protocols.events import (
     ResponseHead,
 )
 from llmspyd.protocols.http1 import MAX_HEAD_BYTES, Http1Connection
-from tests.unit.httpwire import R, W, Clock, body, bytewise, h11_exchange, kinds, normalize, replay, split_at, tr
+from tests.unit.httpwire import Clock, R, W, body, bytewise, h11_exchange, kinds, normalize, replay, split_at, tr
 
 FULL = ["RequestHead", "RequestData", "RequestEnd", "ResponseHead", "ResponseData", "ResponseEnd"]
 
@@ -45,16 +45,21 @@ def test_keep_alive_content_length_chunked_and_trailers():
         req_headers = [("Host", "api.example"), ("Content-Type", "application/json")]
         length = str(len(b"".join(req_body)))
         req_headers.append(("Transfer-Encoding", "chunked") if chunked else ("Content-Length", length))
-        resp_body = [b"data: {\"d\":%d}\n\n" % j for j in range(4)]
+        resp_body = [b'data: {"d":%d}\n\n' % j for j in range(4)]
         resp_headers = [("Content-Type", "text/event-stream")]
         if i % 2 == 0:
             resp_headers.append(("Transfer-Encoding", "chunked"))
         else:
             resp_headers.append(("Content-Length", str(len(b"".join(resp_body)))))
         h11_exchange(
-            rec, clock, client, server,
+            rec,
+            clock,
+            client,
+            server,
             h11.Request(method="POST", target=f"/v1/chat/completions?i={i}", headers=req_headers),
-            req_body, h11.Response(status_code=200, headers=resp_headers), resp_body,
+            req_body,
+            h11.Response(status_code=200, headers=resp_headers),
+            resp_body,
             trailers=[("X-Usage", f"{i}")] if i % 2 == 0 else None,
         )
         bodies.append((b"".join(req_body), b"".join(resp_body)))
@@ -105,8 +110,14 @@ def test_response_without_length_ends_at_close():
 
 def test_head_204_304_have_no_body_even_with_content_length():
     rec = [
-        (W, b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
-            b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n", 1),
+        (
+            W,
+            (
+                b"HEAD /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+                b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n"
+            ),
+            1,
+        ),
         (R, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", 2),
         (R, b"HTTP/1.1 204 No Content\r\n\r\n", 3),
         (R, b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n", 4),
@@ -140,12 +151,17 @@ def test_content_encodings_are_undone_on_both_sides():
         name = "deflate" if coding == "raw-deflate" else coding
         enc = _encoded(coding, raw)
         rec = [
-            (W, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
-                % (name.encode(), len(enc)) + enc, 1),
+            (
+                W,
+                b"POST / HTTP/1.1\r\nHost: h\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n"
+                % (name.encode(), len(enc))
+                + enc,
+                1,
+            ),
             (R, b"HTTP/1.1 200 OK\r\nContent-Encoding: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % name.encode(), 2),
         ]
         for i in range(0, len(enc), 50):
-            rec.append((R, b"%x\r\n" % len(enc[i:i + 50]) + enc[i:i + 50] + b"\r\n", 3 + i))
+            rec.append((R, b"%x\r\n" % len(enc[i : i + 50]) + enc[i : i + 50] + b"\r\n", 3 + i))
         rec.append((R, b"0\r\n\r\n", 10_000))
         per = tr(Http1Connection, rec)
         assert body(flat(per), 1, RequestData) == raw, coding
@@ -156,8 +172,10 @@ def test_content_encodings_are_undone_on_both_sides():
 def test_stacked_encodings_are_undone_in_reverse():
     raw = b"x" * 5000
     enc = brotli.compress(gzip.compress(raw))
-    rec = [(W, b"GET / HTTP/1.1\r\n\r\n", 1),
-           (R, b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip, br\r\nContent-Length: %d\r\n\r\n" % len(enc) + enc, 2)]
+    rec = [
+        (W, b"GET / HTTP/1.1\r\n\r\n", 1),
+        (R, b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip, br\r\nContent-Length: %d\r\n\r\n" % len(enc) + enc, 2),
+    ]
     assert body(flat(tr(Http1Connection, rec)), 1, ResponseData) == raw
 
 
@@ -178,8 +196,10 @@ def test_corrupt_encoding_breaks_the_message_and_keeps_the_next():
 
 
 def test_unsupported_encoding_is_reported_not_passed_as_text():
-    rec = [(W, b"GET / HTTP/1.1\r\n\r\n", 1),
-           (R, b"HTTP/1.1 200 OK\r\nContent-Encoding: compress\r\nContent-Length: 3\r\n\r\nabc", 2)]
+    rec = [
+        (W, b"GET / HTTP/1.1\r\n\r\n", 1),
+        (R, b"HTTP/1.1 200 OK\r\nContent-Encoding: compress\r\nContent-Length: 3\r\n\r\nabc", 2),
+    ]
     per = tr(Http1Connection, rec)
     assert per[1][-1].reason == "decode_error" and "compress" in per[1][-1].detail
 
@@ -193,7 +213,12 @@ def test_websocket_upgrade_is_noted_and_the_rest_passed_over():
     conn = Http1Connection()
     events = replay(conn, rec, close_ts=5)
     assert [type(e).__name__ for e in events] == [
-        "RequestHead", "RequestEnd", "ResponseHead", "ResponseEnd", "ConnectionInfo"]
+        "RequestHead",
+        "RequestEnd",
+        "ResponseHead",
+        "ResponseEnd",
+        "ConnectionInfo",
+    ]
     info = events[-1]
     assert isinstance(info, ConnectionInfo) and info.protocol == "upgrade" and info.detail["upgrade"] == "websocket"
     assert conn.upgraded == "websocket" and conn.counters["tunnel_bytes"] > 0
@@ -212,8 +237,11 @@ def test_refused_upgrade_keeps_parsing_http():
 
 
 def test_connect_tunnel():
-    rec = [(W, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n", 1),
-           (R, b"HTTP/1.1 200 Connection established\r\n\r\n", 2), (W, b"\x16\x03\x01 tls bytes", 3)]
+    rec = [
+        (W, b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n", 1),
+        (R, b"HTTP/1.1 200 Connection established\r\n\r\n", 2),
+        (W, b"\x16\x03\x01 tls bytes", 3),
+    ]
     conn = Http1Connection()
     events = replay(conn, rec)
     assert conn.upgraded == "connect" and kinds(events)[-1] == "ConnectionInfo"
@@ -289,9 +317,11 @@ def test_garbage_request_is_a_parse_error_then_resync():
 
 
 def test_bad_header_and_conflicting_lengths_are_parse_errors():
-    for head in (b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n",
-                 b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-                 b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"):
+    for head in (
+        b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ):
         conn = Http1Connection()
         ev = conn.receive(W, head, 1)
         assert isinstance(ev[-1], MessageBroken) and ev[-1].reason == "parse_error", head
@@ -334,9 +364,16 @@ _json = st.binary(min_size=0, max_size=200)
 @settings(max_examples=60, deadline=None)
 @given(
     exchanges=st.lists(
-        st.tuples(st.sampled_from(["GET", "POST", "HEAD"]), _json, st.lists(_json, max_size=4),
-                  st.booleans(), st.sampled_from([200, 201, 404, 500])),
-        min_size=1, max_size=4),
+        st.tuples(
+            st.sampled_from(["GET", "POST", "HEAD"]),
+            _json,
+            st.lists(_json, max_size=4),
+            st.booleans(),
+            st.sampled_from([200, 201, 404, 500]),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
     cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=20),
 )
 def test_h11_serialized_exchanges_any_split(exchanges, cuts):
@@ -349,11 +386,20 @@ def test_h11_serialized_exchanges_any_split(exchanges, cuts):
         headers = [("Host", "h")]
         if method == "POST":
             headers.append(("Content-Length", str(len(req_body))))
-        resp_headers = [("Transfer-Encoding", "chunked")] if chunked else [
-            ("Content-Length", str(sum(map(len, resp_pieces))))]
+        resp_headers = (
+            [("Transfer-Encoding", "chunked")] if chunked else [("Content-Length", str(sum(map(len, resp_pieces))))]
+        )
         pieces = [p for p in resp_pieces if p] if method != "HEAD" else []
-        h11_exchange(rec, clock, client, server, h11.Request(method=method, target="/t", headers=headers),
-                     [req_body] if req_body else [], h11.Response(status_code=status, headers=resp_headers), pieces)
+        h11_exchange(
+            rec,
+            clock,
+            client,
+            server,
+            h11.Request(method=method, target="/t", headers=headers),
+            [req_body] if req_body else [],
+            h11.Response(status_code=status, headers=resp_headers),
+            pieces,
+        )
         expected.append((method, req_body, b"".join(pieces), status))
     events = replay(Http1Connection(), split_at(rec, cuts))
     for i, (method, req_body, resp_body, status) in enumerate(expected, start=1):
@@ -367,17 +413,24 @@ def test_h11_serialized_exchanges_any_split(exchanges, cuts):
 
 def test_error_details_never_quote_captured_bytes():
     """A mangled Authorization line or a ?key= request line must not leak into records via `detail`."""
-    for head in (b"POST / HTTP/1.1\r\nAuthorization Bearer sk-SECRET\r\n\r\n",
-                 b"GET /v1/models?key=AIzaSECRET HTTP/9\r\n\r\n"):
+    for head in (
+        b"POST / HTTP/1.1\r\nAuthorization Bearer sk-SECRET\r\n\r\n",
+        b"GET /v1/models?key=AIzaSECRET HTTP/9\r\n\r\n",
+    ):
         ev = Http1Connection().receive(W, head, 1)
         assert isinstance(ev[-1], MessageBroken) and "SECRET" not in ev[-1].detail
 
 
 def test_transfer_encoding_gzip_chunked_response():
     enc = gzip.compress(b"streamed " * 50)
-    rec = [(W, b"GET / HTTP/1.1\r\n\r\n", 1),
-           (R, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n" % len(enc)
-            + enc + b"\r\n0\r\n\r\n", 2)]
+    rec = [
+        (W, b"GET / HTTP/1.1\r\n\r\n", 1),
+        (
+            R,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n" % len(enc) + enc + b"\r\n0\r\n\r\n",
+            2,
+        ),
+    ]
     assert body(flat(tr(Http1Connection, rec)), 1, ResponseData) == b"streamed " * 50
 
 

@@ -7,13 +7,12 @@ import gzip
 import hpack
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmspyd.protocols.events import MessageBroken, RequestData, RequestHead, ResponseData, ResponseHead
 from llmspyd.protocols.http2 import MAX_CONTINUATION_FRAMES, PREFACE, Http2Connection
-from tests.unit.httpwire import R, W, H2Pair, body, kinds, normalize, replay, split_at, tr
+from tests.unit.httpwire import H2Pair, R, W, body, kinds, normalize, replay, split_at, tr
 
 FULL = ["RequestHead", "RequestData", "RequestEnd", "ResponseHead", "ResponseData", "ResponseEnd"]
 
@@ -25,8 +24,12 @@ def flat(per: dict) -> list:
 def test_one_streamed_exchange():
     p = H2Pair()
     sid = p.request("/v1/messages", b'{"model":"claude","stream":true}', extra=[("x-api-key", "sk-secret")])
-    p.respond(sid, 200, [b"event: a\ndata: {}\n\n", b"event: b\ndata: {}\n\n"],
-              headers=[("content-type", "text/event-stream")])
+    p.respond(
+        sid,
+        200,
+        [b"event: a\ndata: {}\n\n", b"event: b\ndata: {}\n\n"],
+        headers=[("content-type", "text/event-stream")],
+    )
     per = tr(Http2Connection, p.rec)
     evs = per[sid]
     assert kinds(evs) == FULL
@@ -78,8 +81,14 @@ def test_trailers_padding_and_gzip():
     sid = p.request("/grpc-ish", b"x")
     raw = b'{"text":"' + b"hello " * 500 + b'"}'
     enc = gzip.compress(raw)
-    p.respond(sid, 200, [enc[:100], enc[100:]], headers=[("content-encoding", "gzip")],
-              trailers=[("grpc-status", "0"), ("x-usage", "12")], pad=17)
+    p.respond(
+        sid,
+        200,
+        [enc[:100], enc[100:]],
+        headers=[("content-encoding", "gzip")],
+        trailers=[("grpc-status", "0"), ("x-usage", "12")],
+        pad=17,
+    )
     per = tr(Http2Connection, p.rec)
     assert body(flat(per), sid, ResponseData) == raw
     assert per[sid][-1].trailers == [("grpc-status", "0"), ("x-usage", "12")]
@@ -140,7 +149,7 @@ def test_goaway_breaks_unprocessed_streams():
 def _continuation_bytes(enc: hpack.Encoder, sid: int, headers: list, pieces: int, *, pad: int = 0) -> bytes:
     block = enc.encode(headers)
     step = len(block) // pieces + 1
-    parts = [block[i:i + step] for i in range(0, len(block), step)]
+    parts = [block[i : i + step] for i in range(0, len(block), step)]
     first = HeadersFrame(sid, data=parts[0], flags=["END_STREAM"] + (["END_HEADERS"] if len(parts) == 1 else []))
     if pad:
         first.flags.add("PADDED")
@@ -153,8 +162,13 @@ def _continuation_bytes(enc: hpack.Encoder, sid: int, headers: list, pieces: int
 
 def test_continuation_and_padded_headers():
     enc = hpack.Encoder()
-    hdrs = [(":method", "GET"), (":path", "/c"), (":scheme", "https"), (":authority", "h"),
-            *[(f"x-{i}", "y" * 40) for i in range(50)]]
+    hdrs = [
+        (":method", "GET"),
+        (":path", "/c"),
+        (":scheme", "https"),
+        (":authority", "h"),
+        *[(f"x-{i}", "y" * 40) for i in range(50)],
+    ]
     wire = PREFACE + _continuation_bytes(enc, 1, hdrs, 5, pad=9)
     renc = hpack.Encoder()
     resp = HeadersFrame(1, data=renc.encode([(":status", "200")]), flags=["END_HEADERS"]).serialize()
@@ -271,7 +285,7 @@ def _cut(rec, item: int, a: int, b: int):
     out.append(("gap", (d, b - a, ts)))
     if b < len(data):
         out.append(("data", (d, data[b:], ts)))
-    out += [("data", x) for x in rec[item + 1:]]
+    out += [("data", x) for x in rec[item + 1 :]]
     return out
 
 
@@ -292,7 +306,7 @@ def test_gap_inside_a_data_frame_costs_only_that_stream():
     p.respond(b, 200, [b"rb"])
     c = p.request("/c", b"c", extra=[("x-same", "indexed")])  # HPACK must still be in sync
     p.respond(c, 200, [b"rc"])
-    d, data, _ = p.rec[item]
+    data = p.rec[item][1]
     start = data.rfind(b"a" * 100)  # inside the payload of /a's DATA frame
     conn, ev = _feed_cut(_cut(p.rec, item, start - 500, start - 100))
     assert not conn.dead and conn.counters["gaps_inside_data"] == 1
@@ -309,7 +323,7 @@ def test_gap_across_a_frame_boundary_is_unrecoverable():
     p.request("/b", b"b")
     w_items = [i for i, (d, _, _) in enumerate(p.rec) if d == W]
     item = w_items[-1]  # /b's HEADERS + DATA: a gap over its start takes HPACK bytes
-    conn, ev = _feed_cut(_cut(p.rec, item, 0, 5))
+    conn, _ = _feed_cut(_cut(p.rec, item, 0, 5))
     assert conn.dead and conn.counters["unrecoverable"] == 1
 
 

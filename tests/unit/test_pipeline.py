@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import ClassVar
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +14,7 @@ from llmspyd.pipeline import Pipeline, PipelineLimits
 from llmspyd.process import ProcessInfo
 from llmspyd.protocols.events import ConnectionInfo, MessageBroken, ResponseEnd
 from llmspyd.protocols.http1 import Http1Connection
-from tests.unit.httpwire import R, W, H2Pair, normalize, replay, split_at
+from tests.unit.httpwire import H2Pair, R, W, normalize, replay, split_at
 
 PID = 4242
 
@@ -21,7 +22,7 @@ PID = 4242
 class Collector:
     """A stand-in LLM layer: keeps every event, 'completes' an exchange per ResponseEnd/MessageBroken."""
 
-    instances: list[Collector] = []
+    instances: ClassVar[list[Collector]] = []
 
     def __init__(self, ctx, *, wants=None, explode_on=None):
         self.ctx = ctx
@@ -56,9 +57,22 @@ def chunks(rec, *, conn=0x1000, pid=PID, start=(0, 0)) -> list[TlsChunk]:
     off = list(start)
     out = []
     for d, data, ts in rec:
-        out.append(TlsChunk(ts_ns=ts, pid=pid, tid=pid, comm="agent", conn=conn, direction=d, offset=off[d],
-                            data=data, call_len=len(data), stack=Stack.OPENSSL, fd=7,
-                            peer=Peer(2, "127.0.0.1", 443, 50000)))
+        out.append(
+            TlsChunk(
+                ts_ns=ts,
+                pid=pid,
+                tid=pid,
+                comm="agent",
+                conn=conn,
+                direction=d,
+                offset=off[d],
+                data=data,
+                call_len=len(data),
+                stack=Stack.OPENSSL,
+                fd=7,
+                peer=Peer(2, "127.0.0.1", 443, 50000),
+            )
+        )
         off[d] += len(data)
     return out
 
@@ -87,11 +101,20 @@ def test_http1_events_reach_the_assembler_unchanged_and_context_is_filled():
     assert isinstance(asm.events[0], ConnectionInfo) and asm.events[0].protocol == "http/1.1"
     direct = replay(Http1Connection(), H1, close_ts=500)
     assert normalize(asm.events[1:]) == normalize(direct)
-    assert emitted == [("exchange", 0x1000, 1, "ResponseEnd"), ("exchange", 0x1000, 2, "ResponseEnd"),
-                       ("closed", 0x1000)]
+    assert emitted == [
+        ("exchange", 0x1000, 1, "ResponseEnd"),
+        ("exchange", 0x1000, 2, "ResponseEnd"),
+        ("closed", 0x1000),
+    ]
     ctx = asm.ctx
     assert (ctx.pid, ctx.comm, ctx.conn, ctx.fd, ctx.stack, ctx.http_version) == (
-        PID, "agent", 0x1000, 7, "openssl", "1.1")
+        PID,
+        "agent",
+        0x1000,
+        7,
+        "openssl",
+        "1.1",
+    )
     assert ctx.peer.port == 443 and ctx.process.exe == "/usr/bin/agent" and ctx.clock_offset_ns == 1
     c = p.counters
     assert c["connections"] == 1 and c["http1"] == 1 and c["exchanges"] == 3 and c["open_connections"] == 0
@@ -114,11 +137,11 @@ def test_one_byte_chunks_and_any_batching_give_the_same_events():
     whole.feed(chunks(H1))
     reference = normalize(Collector.instances[0].events)
     Collector.instances = []
-    split = [(d, data[i:i + 1], ts) for d, data, ts in H1 for i in range(len(data))]
+    split = [(d, data[i : i + 1], ts) for d, data, ts in H1 for i in range(len(data))]
     p, _, _ = make()
     cs = chunks(split)
     for i in range(0, len(cs), 7):
-        p.feed(cs[i:i + 7])
+        p.feed(cs[i : i + 7])
     assert normalize(Collector.instances[0].events) == reference
 
 
@@ -155,7 +178,7 @@ def test_a_stage_error_costs_one_connection_only():
     p.feed(chunks(H1, conn=0xBAD) + chunks(H1, conn=0x600D))
     c = p.counters
     assert c["stage_errors"] == 1
-    bad, good = Collector.instances
+    assert len(Collector.instances) == 2
     assert ("closed", 0xBAD) in emitted  # pending flushed via on_close after the failure
     # (the second response runs until close: not ended yet)
     assert [e for e in emitted if e[1] == 0x600D] == [("exchange", 0x600D, 1, "ResponseEnd")]
@@ -192,7 +215,7 @@ def test_process_exit_closes_its_connections_and_ends_until_close_responses():
 
 
 def test_exec_closes_the_old_image_connections():
-    p, emitted, _ = make()
+    p, _, _ = make()
     p.feed(chunks(H1[:1], conn=5) + [ProcessExec(ts_ns=50, pid=PID, ppid=1, uid=0, comm="x", filename="/bin/x")])
     assert p.counters["exec_closed"] == 1 and p.counters["open_connections"] == 0
 
@@ -200,8 +223,21 @@ def test_exec_closes_the_old_image_connections():
 def test_flush_idle_ends_until_close_responses_and_forgets_only_much_later():
     p, emitted, _ = make(limits=PipelineLimits(forget_after_ns=1_000_000))
     p.feed(chunks(H1, conn=1))  # last activity at 400; the HTTP/1.0 response runs until close
-    p.feed([TlsChunk(ts_ns=10_000, pid=PID, tid=PID, comm="a", conn=2, direction=Direction.WRITE, offset=0,
-                     data=H1[0][1], call_len=len(H1[0][1]))])
+    p.feed(
+        [
+            TlsChunk(
+                ts_ns=10_000,
+                pid=PID,
+                tid=PID,
+                comm="a",
+                conn=2,
+                direction=Direction.WRITE,
+                offset=0,
+                data=H1[0][1],
+                call_len=len(H1[0][1]),
+            )
+        ]
+    )
     p.flush_idle(now_ns=5_000, idle_ns=1_000)
     assert ("exchange", 1, 2, "ResponseEnd") in emitted  # ended by the idle timeout
     assert not [e for e in emitted if e[1] == 2]  # conn 2 is not idle yet
@@ -219,8 +255,12 @@ def test_idle_http1_connection_is_kept_and_parses_the_next_exchange():
     assert ("exchange", 0x1000, 1, "MessageBroken") in emitted
     assert [e.reason for e in Collector.instances[0].events if isinstance(e, MessageBroken)] == ["idle"]
     # the late response is framed silently; the next exchange on the same connection parses
-    p.feed(chunks([H1[1], (W, H1[2][1], 20_000), (R, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n!", 20_001)],
-                  start=(len(H1[0][1]), 0)))
+    p.feed(
+        chunks(
+            [H1[1], (W, H1[2][1], 20_000), (R, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n!", 20_001)],
+            start=(len(H1[0][1]), 0),
+        )
+    )
     assert ("exchange", 0x1000, 2, "ResponseEnd") in emitted and len(Collector.instances) == 1
 
 
@@ -240,12 +280,12 @@ def test_idle_h2_connection_keeps_hpack_state():
     later = [(d, x, 10**12 + ts) for d, x, ts in h2p.rec[mark:]]
     p.feed(chunks(later, start=(w_off, r_off)))
     assert ("exchange", 0x1000, b, "ResponseEnd") in emitted
-    head_b = [e for e in Collector.instances[0].events if type(e).__name__ == "RequestHead" and e.msg == b][0]
+    head_b = next(e for e in Collector.instances[0].events if type(e).__name__ == "RequestHead" and e.msg == b)
     assert ("x-session", "s" * 40) in head_b.headers
 
 
 def test_reused_address_starts_a_new_connection():
-    p, emitted, _ = make()
+    p, _, _ = make()
     p.feed(chunks(H1[:2]))
     p.feed(chunks([(W, b"GET /again HTTP/1.1\r\n\r\n", 1000)]))  # offset 0 again on the same key
     first, second = Collector.instances
@@ -267,7 +307,7 @@ def test_gap_reaches_the_assembler_as_broken_with_missing_bytes():
 
 
 def test_midstream_join_is_http1_after_resync():
-    p, emitted, _ = make()
+    p, _, _ = make()
     late = chunks(H1, start=(5000, 7000))
     p.feed(late)
     asm = Collector.instances[0]
@@ -278,10 +318,8 @@ def test_midstream_join_is_http1_after_resync():
 def test_connection_table_limit_evicts_the_least_recent():
     p, emitted, _ = make(limits=PipelineLimits(max_connections=2))
     p.feed(chunks(H1[:1], conn=1))
-    p.feed([TlsChunk(ts_ns=150, pid=PID, tid=PID, comm="a", conn=2, direction=W, offset=0, data=H1[0][1],
-                     call_len=0)])
-    p.feed([TlsChunk(ts_ns=160, pid=PID, tid=PID, comm="a", conn=3, direction=W, offset=0, data=H1[0][1],
-                     call_len=0)])
+    p.feed([TlsChunk(ts_ns=150, pid=PID, tid=PID, comm="a", conn=2, direction=W, offset=0, data=H1[0][1], call_len=0)])
+    p.feed([TlsChunk(ts_ns=160, pid=PID, tid=PID, comm="a", conn=3, direction=W, offset=0, data=H1[0][1], call_len=0)])
     assert p.counters["evicted"] == 1 and ("closed", 1) in emitted and p.counters["open_connections"] == 2
 
 
@@ -297,16 +335,27 @@ def test_close_flushes_everything():
 def test_real_assembler_openai_chat_over_http1():
     """Through D's ExchangeAssembler: one OpenAI chat completion becomes one complete record."""
     req = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hi"}]}).encode()
-    resp = json.dumps({
-        "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
-    }).encode()
+    resp = json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+        }
+    ).encode()
     rec = [
-        (W, b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(req) + req, 1_000_000),
-        (R, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(resp) + resp,
-         2_000_000),
+        (
+            W,
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(req) + req,
+            1_000_000,
+        ),
+        (
+            R,
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(resp) + resp,
+            2_000_000,
+        ),
     ]
     emitted = []
     p = Pipeline(emit=emitted.append, clock_offset_ns=1)
@@ -323,8 +372,16 @@ def test_real_assembler_anthropic_stream_over_h2():
         return kind, {"type": kind, **fields}
 
     events = [
-        ev("message_start", message={"id": "msg_1", "model": "claude-x", "role": "assistant", "content": [],
-                                     "usage": {"input_tokens": 5, "output_tokens": 0}}),
+        ev(
+            "message_start",
+            message={
+                "id": "msg_1",
+                "model": "claude-x",
+                "role": "assistant",
+                "content": [],
+                "usage": {"input_tokens": 5, "output_tokens": 0},
+            },
+        ),
         ev("content_block_start", index=0, content_block={"type": "text", "text": ""}),
         ev("content_block_delta", index=0, delta={"type": "text_delta", "text": "Hel"}),
         ev("content_block_delta", index=0, delta={"type": "text_delta", "text": "lo"}),
@@ -333,11 +390,16 @@ def test_real_assembler_anthropic_stream_over_h2():
         ev("message_stop"),
     ]
     h2p = H2Pair()
-    body = json.dumps({"model": "claude-x", "max_tokens": 10, "stream": True,
-                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    body = json.dumps(
+        {"model": "claude-x", "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
     sid = h2p.request("/v1/messages", body, extra=[("x-api-key", "k"), ("anthropic-version", "2023-06-01")])
-    h2p.respond(sid, 200, [f"event: {n}\ndata: {json.dumps(d)}\n\n".encode() for n, d in events],
-                headers=[("content-type", "text/event-stream")])
+    h2p.respond(
+        sid,
+        200,
+        [f"event: {n}\ndata: {json.dumps(d)}\n\n".encode() for n, d in events],
+        headers=[("content-type", "text/event-stream")],
+    )
     emitted = []
     p = Pipeline(emit=emitted.append, clock_offset_ns=1)
     p.feed(chunks(h2p.rec))
@@ -364,8 +426,12 @@ H2_REC = _h2_rec()
 
 
 @settings(max_examples=40, deadline=None)
-@given(cuts1=st.lists(st.integers(1, 400), max_size=15), cuts2=st.lists(st.integers(1, 3000), max_size=25),
-       batch=st.integers(1, 20), seed=st.integers(0, 10**6))
+@given(
+    cuts1=st.lists(st.integers(1, 400), max_size=15),
+    cuts2=st.lists(st.integers(1, 3000), max_size=25),
+    batch=st.integers(1, 20),
+    seed=st.integers(0, 10**6),
+)
 def test_two_connections_any_cuts_any_batches_same_events(cuts1, cuts2, batch, seed):
     """Chunks cut anywhere, two connections interleaved, any batch size: each assembler sees the same events."""
     import random
@@ -380,7 +446,7 @@ def test_two_connections_any_cuts_any_batches_same_events(cuts1, cuts2, batch, s
             src = a if (a and (not h or rng.random() < 0.5)) else h
             merged.append(src.pop(0))
         for i in range(0, len(merged), b):
-            p.feed(merged[i:i + b])
+            p.feed(merged[i : i + b])
         p.close()
         return {asm.ctx.conn: normalize(asm.events) for asm in Collector.instances}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,17 +22,29 @@ W, R = Direction.WRITE, Direction.READ
 KEY = ConnKey(10, 0xABC)
 
 
-def chunk(direction: Direction, offset: int, data: bytes, ts: int, *, conn: int = 0xABC, pid: int = 10,
-          **kw) -> TlsChunk:
+def chunk(
+    direction: Direction, offset: int, data: bytes, ts: int, *, conn: int = 0xABC, pid: int = 10, **kw
+) -> TlsChunk:
     return TlsChunk(
-        ts_ns=ts, pid=pid, tid=pid, comm="agent", conn=conn, direction=direction, offset=offset,
-        data=data, call_len=kw.pop("call_len", len(data)), **kw,
+        ts_ns=ts,
+        pid=pid,
+        tid=pid,
+        comm="agent",
+        conn=conn,
+        direction=direction,
+        offset=offset,
+        data=data,
+        call_len=kw.pop("call_len", len(data)),
+        **kw,
     )
 
 
 def items(events):
-    return [(type(e).__name__, getattr(e, "direction", None), getattr(e, "data", getattr(e, "missing", None)))
-            for e in events if isinstance(e, (StreamData, StreamGap))]
+    return [
+        (type(e).__name__, getattr(e, "direction", None), getattr(e, "data", getattr(e, "missing", None)))
+        for e in events
+        if isinstance(e, (StreamData, StreamGap))
+    ]
 
 
 def test_contiguous_data_passes_through_and_opens_once():
@@ -131,12 +145,12 @@ def test_close_on_daemon_initiative():
 def test_any_split_and_any_loss_keeps_bytes_and_counts_missing(payload, cuts, drop, batch):
     """Reassembled data + gap sizes always equal the original length; kept bytes sit at their true place."""
     bounds = sorted({0, len(payload), *(c for c in cuts if c < len(payload))})
-    pieces = [(a, payload[a:b]) for a, b in zip(bounds, bounds[1:])]
+    pieces = [(a, payload[a:b]) for a, b in itertools.pairwise(bounds)]
     sent = [chunk(W, off, data, i) for i, (off, data) in enumerate(pieces) if i not in drop]
     d = StreamDemux()
     out = []
     for i in range(0, len(sent), batch):
-        out += d.feed(sent[i:i + batch])
+        out += d.feed(sent[i : i + batch])
     rebuilt = bytearray()
     for e in out:
         if isinstance(e, StreamData):
@@ -146,7 +160,7 @@ def test_any_split_and_any_loss_keeps_bytes_and_counts_missing(payload, cuts, dr
     expected = bytearray(payload)
     for i, (off, data) in enumerate(pieces):
         if i in drop:
-            expected[off:off + len(data)] = b"\0" * len(data)
+            expected[off : off + len(data)] = b"\0" * len(data)
     # trailing lost pieces are unknowable until more bytes come
     last_kept = max((off + len(data) for i, (off, data) in enumerate(pieces) if i not in drop), default=0)
     assert bytes(rebuilt) == bytes(expected[:last_kept])
