@@ -24,6 +24,7 @@ from llmspyd.llm.conversations import ConversationTracker, default_tracker
 from llmspyd.llm.eventstream import EventStreamParser
 from llmspyd.llm.ndjson import JsonArrayParser, NdjsonParser
 from llmspyd.llm.providers.base import ParsedRequest, ResponseAcc
+from llmspyd.llm.providers.generic import Generic
 from llmspyd.llm.record import (
     ConnectionRef,
     ExchangeError,
@@ -63,6 +64,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+_GENERIC = Generic()
 
 # Process-wide counters (dropped non-LLM requests, exchanges emitted, ...) for status reports.
 COUNTERS: Counter[str] = Counter()
@@ -578,6 +580,9 @@ class ExchangeAssembler:
                 )
             return
         msg.det.fmt.parse_response(body, acc)
+        if not (acc.text_parts or acc.tool_calls or acc.error or acc.embeddings is not None or acc.thinking_parts):
+            # the body is not in the format the request suggested (a gateway answering its own way): read it by shape
+            _GENERIC.parse_response(body, acc)
 
     def _count(self, what: str, n: int = 1) -> None:
         self.stats[what] += n

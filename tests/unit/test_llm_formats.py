@@ -273,3 +273,17 @@ def test_codex_cli_chatgpt_backend() -> None:
         "You are Codex.",
         "ok",
     )
+
+
+def test_answer_in_another_shape_is_read_by_shape() -> None:
+    """Cohere v2 chat: OpenAI-like request, its own answer shape."""
+    rbody = json.dumps(
+        {
+            "id": "c1",
+            "finish_reason": "COMPLETE",
+            "message": {"role": "assistant", "content": [{"type": "text", "text": "Bonjour"}]},
+            "usage": {"tokens": {"input_tokens": 3, "output_tokens": 1}},
+        }
+    ).encode()
+    (r,) = run(asm(), exchange("/v2/chat", "api.cohere.com", b'{"model": "command-a", "messages": []}', rbody=rbody))
+    assert (r.provider, r.response.text, r.error) == ("cohere", "Bonjour", None)

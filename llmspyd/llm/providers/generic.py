@@ -114,6 +114,10 @@ class Generic(ApiFormat):
 
     @staticmethod
     def _text_fields(obj: dict, acc: ResponseAcc, ts_ns: int | None) -> None:
+        msg = obj.get("message")
+        if isinstance(msg, dict) and msg.get("content") is not None:  # Cohere v2 and other chat-shaped answers
+            acc.add_text(text_of(msg["content"]), ts_ns)
+            return
         for k in TEXT_KEYS:
             v = obj.get(k)
             if isinstance(v, str):
