@@ -24,10 +24,27 @@ class Agent:
         return f"{self.name.rsplit('/', 1)[-1]}-{self.version}"
 
     @property
+    def cli(self) -> Path:
+        """What a user runs: npm's .bin entry."""
+        return self.prefix / "node_modules" / ".bin" / BIN_NAMES[self.name]
+
+    @property
     def exe(self) -> Path:
-        """The real executable (npm's .bin entries are symlinks into the package)."""
-        binname = "bun" if self.name == "bun" else "claude"
-        return (self.prefix / "node_modules" / ".bin" / binname).resolve()
+        """The executable that does the TLS: the native binary (Codex's JS launcher spawns one from a
+        platform package), else what the .bin symlink points to (a JS file for node agents)."""
+        if self.name == "@openai/codex":
+            found = sorted((self.prefix / "node_modules" / "@openai").glob("codex-linux-x64/vendor/*/bin/codex"))
+            if found:
+                return found[0]
+        return self.cli.resolve()
+
+
+BIN_NAMES = {
+    "bun": "bun",
+    "@anthropic-ai/claude-code": "claude",
+    "@google/gemini-cli": "gemini",
+    "@openai/codex": "codex",
+}
 
 
 def agents_dir() -> Path:

@@ -39,14 +39,17 @@ def agents() -> dict[str, Agent]:
     return {a.key: a for a in ensure_installed()}
 
 
+ALL = [a.key for a in pinned()]
+BUNS = [k for k in ALL if k.startswith("bun-")]
+CLAUDES = [k for k in ALL if k.startswith("claude-code-")]
+KEYS = BUNS + CLAUDES  # the stripped-BoringSSL executables
+GEMINIS = [k for k in ALL if k.startswith("gemini-cli-")]
+CODEXES = [k for k in ALL if k.startswith("codex-")]
+
+
 @pytest.fixture(scope="module")
 def found(agents: dict[str, Agent]) -> dict[str, boringssl.Analysis]:
-    return {k: boringssl.analyse(str(a.exe)) for k, a in agents.items()}
-
-
-KEYS = [a.key for a in pinned()]
-BUNS = [k for k in KEYS if k.startswith("bun-")]
-CLAUDES = [k for k in KEYS if k.startswith("claude-code-")]
+    return {k: boringssl.analyse(str(agents[k].exe)) for k in KEYS}
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -297,3 +300,108 @@ def test_claude_exchange_through_capture_and_pipeline(
 
     assert "sk-ant-dummy-e2e" in x.model_dump_json()
     assert "sk-ant-dummy-e2e" not in json.dumps(Redactor()(x.model_dump(mode="json")))
+
+
+# ---------------------------------------------------------------------------
+# the other agents: Gemini CLI (node, static OpenSSL) is captured; Codex (rustls) is named as not covered
+
+
+def _gemini_env(base: dict[str, str], home: Path, url: str, ca: Path) -> dict[str, str]:
+    (home / ".gemini").mkdir(parents=True, exist_ok=True)
+    (home / ".gemini" / "settings.json").write_text('{"security": {"auth": {"selectedType": "gemini-api-key"}}}')
+    return dict(
+        base,
+        HOME=str(home),
+        GEMINI_API_KEY="dummy-gemini-e2e",
+        GOOGLE_GEMINI_BASE_URL=url,
+        NODE_EXTRA_CA_CERTS=str(ca),
+        GEMINI_CLI_TRUST_WORKSPACE="true",
+    )
+
+
+@pytest.mark.parametrize("key", GEMINIS)
+def test_gemini_exchange_through_capture_and_pipeline(agents, capture, certs, key, tmp_path) -> None:
+    """`gemini -p` on node (static OpenSSL, SSL_* exported) against the fake Gemini API: the exchange comes out."""
+    from llmspyd.chunks import TlsChunk
+    from llmspyd.pipeline import Pipeline
+    from tests.fakeprovider import FakeProvider, answer_text
+
+    if shutil.which("node") is None:
+        pytest.fail("node is not installed (packaging/build-deps.sh)")
+    session, log = capture
+    model = "gemini-2.5-flash"  # a fixed model skips the CLI's model router (one more request to the fake)
+    start = time.monotonic_ns()
+    with FakeProvider(certs.cert, certs.key) as fp:
+        p = subprocess.run(
+            [str(agents[key].cli), "-m", model, "-p", f"say hello to llmspy from {key}"],
+            env=_gemini_env(dict(os.environ), tmp_path / "home", fp.url, certs.ca),
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=AGENT_TIMEOUT_S,
+        )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"Hello from {model}!" in p.stdout
+
+    def pids() -> set[int]:  # gemini relaunches itself: the requests come from a child node process
+        mark = b"enerateContent"  # generateContent and streamGenerateContent
+        return {c.pid for c in log.events(TlsChunk) if c.ts_ns >= start and mark in c.data}
+
+    if not log.wait_for(lambda: bool(pids()), timeout=10):
+        seen = sorted({(c.pid, c.comm) for c in log.events(TlsChunk) if c.ts_ns >= start})
+        attached = [a.target.path for a in session.probes.attached().values()]
+        heads = [c.data[:60] for c in log.events(TlsChunk) if c.ts_ns >= start and c.comm == "node"][:6]
+        raise AssertionError(f"no Gemini request captured; processes seen {seen[:20]}; attached {attached}; {heads}")
+    exchanges: list = []
+    pipe = Pipeline(emit=exchanges.append)
+    for pid in sorted(pids()):
+        pipe.feed(log.events(pid=pid))
+    pipe.close()
+    mine = [x for x in exchanges if x.provider == "gemini" and x.response and x.response.status == 200]
+    assert mine, f"no Gemini exchange among {[x.summary() for x in exchanges]}"
+    print("\n".join(x.summary() for x in mine))
+    x = mine[-1]
+    assert x.model and x.model.startswith(model)
+    assert x.response.text.startswith(answer_text(model, ""))
+    assert x.response.text in p.stdout
+    assert x.usage.input_tokens and x.usage.output_tokens
+
+
+@pytest.mark.parametrize("key", CODEXES)
+def test_codex_is_recognised_and_reported_not_covered(agents, certs, key, tmp_path, monkeypatch) -> None:
+    """Codex runs (against the fake Responses API), and discovery names it: rustls, not covered, and why."""
+    from llmspyd.chunks import Stack
+    from llmspyd.discovery import procmaps
+    from llmspyd.discovery.scanner import Scanner
+    from llmspyd.discovery.target import Uncovered
+    from tests.fakeprovider import FakeProvider
+
+    monkeypatch.setenv(boringssl.CACHE_ENV, str(tmp_path / "cache"))
+    exe = agents[key].exe
+    st = os.stat(exe)
+    mine = boringssl.boringssl_target(str(exe), st.st_dev, st.st_ino)
+    assert isinstance(mine, Uncovered) and mine.stack == Stack.RUSTLS and "rustls" in mine.reason
+    f = procmaps.OpenedFile(str(exe), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, "host")
+    verdict, _ = Scanner().analyse(f)
+    assert verdict.target is None
+    assert verdict.uncovered is not None and verdict.uncovered.stack == Stack.RUSTLS, verdict
+
+    home = tmp_path / "codex"
+    home.mkdir()
+    with FakeProvider(certs.cert, certs.key) as fp:
+        (home / "config.toml").write_text(
+            'model = "gpt-5-codex"\nmodel_provider = "fake"\n[model_providers.fake]\nname = "fake"\n'
+            f'base_url = "{fp.url}/v1"\nenv_key = "FAKE_API_KEY"\nwire_api = "responses"\n'
+        )
+        p = subprocess.run(
+            [str(agents[key].cli), "exec", "--skip-git-repo-check", f"say hello to llmspy from {key}"],
+            env=dict(os.environ, CODEX_HOME=str(home), FAKE_API_KEY="sk-dummy-codex", SSL_CERT_FILE=str(certs.ca)),
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=AGENT_TIMEOUT_S,
+        )
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Hello from gpt-5-codex!" in p.stdout
