@@ -127,6 +127,7 @@ class ExecWatcher:
         # slow finders run in worker processes unless the scanner carries in-process (test) finders
         self._isolate = isolate_slow and not self.scanner.custom_finders
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pool_ok = False  # a worker has answered once: a broken pool after that is a crash, not a setup issue
         self._stop = False
         self.counters = {"execs": 0, "exits": 0, "scans": 0, "attached": 0, "attach_failed": 0, "predicted": 0,
                          "replaced": 0, "out_of_scope": 0, "exec_work_ms": 0.0, "exec_work_max_ms": 0.0}
@@ -244,6 +245,14 @@ class ExecWatcher:
             return self.scanner.analyse(opened, heavy=True)[0]
         try:
             v = pool.submit(analyse_isolated, opened).result(timeout=SLOW_TIMEOUT_S)
+            self._pool_ok = True
+        except concurrent.futures.process.BrokenProcessPool if not self._pool_ok else () as e:
+            # the workers never started (e.g. an unguarded __main__ that multiprocessing re-imports): analyse here
+            log.warning("analysis worker processes unavailable (%s): slow finders run in the daemon", e)
+            with self._cond:
+                self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            return self.scanner.analyse(opened, heavy=True)[0]
         except concurrent.futures.TimeoutError:
             v = FileVerdict(key=opened.key, path=opened.path, note="analysis timed out")
             v.uncovered = Uncovered(opened.path, opened.dev, opened.ino, Stack.UNKNOWN,

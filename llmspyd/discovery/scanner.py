@@ -48,6 +48,8 @@ OPENSSL_MARK = b"/ssl/ssl_lib.c\0"
 # cargo registry paths of the rustls crate end up in panic locations of every build that links it
 RUSTLS_MARKS = (b"/rustls-0.", b"rustls::")
 RUST_MARKS = (b"/rustc/", b"RUST_BACKTRACE")
+# read-only data bigger than this is searched for TLS markers by the slow workers, not at exec time
+MARKER_INLINE_MAX = 16 << 20
 # too many entries means something keeps producing new inodes (a build loop): drop the oldest verdicts
 MAX_CACHED_FILES = 20000
 
@@ -206,10 +208,14 @@ class Scanner:
             dyn = img.dynamic()
             v.needed, v.rpath, v.runpath = dyn["needed"], dyn["rpath"], dyn["runpath"]
             v.is_dynamic = img.has_section(".dynamic") or bool(v.needed)
-            self._decide(img, f, v, heavy)
+            # shared libraries (a SONAME, no loader of their own) do not carry a stripped TLS stack in practice;
+            # their data can be huge (libicudata 31 MB, libLLVM 110 MB): no string search in them
+            executable = img.elf_type == "ET_EXEC" or bool(img.interpreter()) or not dyn["soname"]
+            self._decide(img, f, v, heavy, executable)
         return v
 
-    def _decide(self, img: ElfImage, f: procmaps.OpenedFile, v: FileVerdict, heavy: bool = True) -> None:
+    def _decide(self, img: ElfImage, f: procmaps.OpenedFile, v: FileVerdict, heavy: bool = True,
+                executable: bool = True) -> None:
         exported = img.lookup(OPENSSL_FUNCS + GNUTLS_FUNCS + BORINGSSL_ONLY, tables=(".dynsym",))
         if _has_rw(exported, "SSL"):
             stack = Stack.BORINGSSL if any(n in exported for n in BORINGSSL_ONLY) else Stack.OPENSSL
@@ -234,7 +240,14 @@ class Scanner:
                 stack = Stack.BORINGSSL if any(n in static for n in BORINGSSL_ONLY) else Stack.OPENSSL
                 v.stack, v.target = stack, _target(f, stack, static, OPENSSL_FUNCS, "symtab")
                 return
+        if not executable:
+            return
         rodata = ".rodata" if img.has_section(".rodata") else None
+        sec = img.section(rodata) if rodata else None
+        if not heavy and (sec[1] if sec else img.size) > MARKER_INLINE_MAX:
+            # searching 100+ MB of read-only data (Bun, Claude Code) takes ~100 ms: not on the exec-time thread
+            v.deferred = True
+            return
         if img.contains(OPENSSL_MARK, rodata):
             v.stack = Stack.OPENSSL
             v.uncovered = Uncovered(f.path, f.dev, f.ino, Stack.OPENSSL,
