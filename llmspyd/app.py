@@ -154,7 +154,10 @@ class Daemon:
         self.outputs = self._make_outputs(s)
         log.info("outputs", sinks=[x.name for x in self.outputs.sinks], redaction=_redaction_summary(s))
         if self.dump_path:
-            self._dump = open(self.dump_path, "a", encoding="utf-8")
+            # raw plaintext, credentials included: a debugging aid the operator asked for by name
+            log.warning("--dump-chunks: writing raw captured plaintext, secrets included", path=self.dump_path)
+            fd = os.open(self.dump_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._dump = os.fdopen(fd, "a", encoding="utf-8")
         self.capture = self.parts.capture(s, self._enqueue)
         self.pipeline = self.parts.pipeline(s, self._emit, self._mute)
         self._worker = threading.Thread(target=self._work, name="llmspy-worker", daemon=True)

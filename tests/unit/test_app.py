@@ -289,3 +289,20 @@ def test_chunk_json_roundtrip() -> None:
 
     j = A.chunk_json(chunk(data=b"\x00\xffhello"))
     assert base64.b64decode(j["data"]) == b"\x00\xffhello" and j["direction"] == "write" and j["len"] == 7
+
+
+def test_dump_chunks_writes_every_chunk(tmp_path: Path) -> None:
+    import base64
+
+    d, _, m = make(tmp_path)
+    d.dump_path = str(tmp_path / "chunks.jsonl")
+    d.start()
+    try:
+        m["sink"]([chunk(data=b"POST /v1/x HTTP/1.1\r\n"), chunk(offset=21, data=b"\r\n")])
+        wait_for(lambda: d.counters.exchanges == 2)
+    finally:
+        d.shutdown()
+    lines = [json.loads(x) for x in (tmp_path / "chunks.jsonl").read_text().splitlines()]
+    assert [base64.b64decode(x["data"]) for x in lines] == [b"POST /v1/x HTTP/1.1\r\n", b"\r\n"]
+    assert [x["offset"] for x in lines] == [0, 21]
+    assert (tmp_path / "chunks.jsonl").stat().st_mode & 0o777 == 0o600
