@@ -166,6 +166,6 @@ int BPF_PROG(process_exit, struct task_struct *p, bool group_dead)
 	e->hdr.tid = BPF_CORE_READ(p, pid);
 	e->exit_code = BPF_CORE_READ(p, exit_code);
 	e->_pad = 0;
-	bpf_ringbuf_submit(e, ring_flags());
+	bpf_ringbuf_submit(e, submit_flags(sizeof(*e)));
 	return 0;
 }

@@ -9,6 +9,7 @@ Also a first OpenSSL finder (`openssl_target`, `OpenSslScanner`) that the full d
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -109,9 +110,16 @@ class ProbeManager:
                             links.append(self._programs[name].attach_uprobe(
                                 target.path, offset=off, retprobe=ret, cookie=int(target.stack)))
                 except (LibbpfError, OSError) as e:
-                    log.warning("cannot attach %s in %s: %s", role, target.path, e)
                     for lk in links:
                         lk.destroy()
+                    if e.errno == errno.ENOENT:
+                        # the path died with its process (/proc/PID/root/...): attach nothing, so that a later
+                        # scan through a live path attaches every role, not the ones left
+                        log.info("%s vanished while attaching: not probed", target.path)
+                        for lk in att.links:
+                            lk.destroy()
+                        return []
+                    log.warning("cannot attach %s in %s: %s", role, target.path, e)
                     continue
                 att.links.extend(links)
                 att.roles.append(role)
@@ -281,12 +289,22 @@ def candidate_files(pid: int) -> Iterator[tuple[str, tuple[int, int] | None]]:
         yield root + parts[5].rstrip("\n"), (os.makedev(major, minor), int(parts[4]))
 
 
+_PROC_ROOT_RE = re.compile(r"^/proc/\d+/root(/.*)$")
+
+
 def _stable_path(path: str, key: tuple[int, int]) -> str:
-    """/proc/PID/exe dies with PID: prefer the path it points to when that is the same file here."""
-    if not path.endswith("/exe"):
-        return path
+    """/proc/PID/exe and /proc/PID/root/... die with PID: prefer the plain path when it is the same file here."""
+    if path.endswith("/exe"):
+        try:
+            real = os.readlink(path)
+        except OSError:
+            return path
+    else:
+        m = _PROC_ROOT_RE.match(path)
+        if m is None:
+            return path
+        real = m.group(1)
     try:
-        real = os.readlink(path)
         st = os.stat(real)
     except OSError:
         return path
@@ -323,7 +341,11 @@ class OpenSslScanner:
         target = openssl_target(_stable_path(path, key))
         if target is None:
             return []
-        return self._probes.attach(target)
+        roles = self._probes.attach(target)
+        if not roles:
+            with self._lock:
+                self._seen.discard(key)  # try again on the next scan
+        return roles
 
     def scan_file(self, path: str) -> list[str]:
         """Probe one library or executable now; returns its attached roles (also if attached before)."""

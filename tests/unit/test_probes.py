@@ -59,3 +59,16 @@ def test_candidate_files_lists_exe_and_mapped_libssl() -> None:
 def test_every_role_has_an_entry_program() -> None:
     for role in OPENSSL_ROLES:
         assert any(not ret for _, ret in ROLE_PROBES[role])
+
+
+def test_stable_path_prefers_the_plain_path_of_the_same_file(tmp_path) -> None:
+    from llmspyd.bpf.probes import _stable_path
+
+    path = mapped_libssl()
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    assert _stable_path(f"/proc/{os.getpid()}/root{path}", key) == path
+    assert _stable_path(f"/proc/{os.getpid()}/exe", (0, 0)) == f"/proc/{os.getpid()}/exe"  # another file: kept
+    other = tmp_path / "x"
+    other.write_bytes(b"x")
+    assert _stable_path(f"/proc/{os.getpid()}/root{other}", key) == f"/proc/{os.getpid()}/root{other}"
