@@ -18,7 +18,7 @@ def main(paths: list[str]) -> None:
     if not paths:
         from tests.agents import pinned
 
-        paths = [str(a.exe) for a in pinned() if a.exe.is_file()]
+        paths = [str(a.exe) for a in pinned() if a.exe.is_file() and a.exe.read_bytes()[:4] == b"\x7fELF"]
     with tempfile.TemporaryDirectory() as cache:
         os.environ[boringssl.CACHE_ENV] = cache
         print(f"{'file':60} {'MiB':>6} {'cold s':>7} {'cached ms':>9}  result")
@@ -31,7 +31,7 @@ def main(paths: list[str]) -> None:
             t0 = time.perf_counter()
             boringssl.boringssl_target(p, st.st_dev, st.st_ino)
             cached = (time.perf_counter() - t0) * 1000
-            res = {k: hex(v) for k, v in a.vaddrs.items()} if a.vaddrs else (a.reason or "none")
+            res = f"{a.entries}: " + str({k: hex(v) for k, v in a.vaddrs.items()}) if a.vaddrs else (a.reason or "none")
             print(f"{p[-60:]:60} {st.st_size / 2**20:6.0f} {cold:7.2f} {cached:9.2f}  {res}")
 
 

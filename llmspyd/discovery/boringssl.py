@@ -75,9 +75,11 @@ ANALYSIS_VERSION = 2
 # rustls' crate path in panic locations ("…/rustls-0.23.46/src/…"): a rustls build whatever its version
 RUSTLS_MARK = b"/rustls-0."
 RUSTLS_REASON = (
-    "rustls (Rust, static, no TLS symbols): its plaintext functions are generic Rust code inlined per build,"
-    " with no stable fingerprint yet; not covered"
+    "rustls (Rust, static, no TLS symbols): not covered: rustls' plaintext read/write are generic Rust"
+    " inlined per build, and its AEAD (ring or aws-lc) sees records without a connection identity"
 )
+# files remembered in the cache; the oldest go first (each agent update adds one)
+MAX_CACHE_ENTRIES = 256
 
 
 @dataclass(slots=True)
@@ -111,7 +113,7 @@ NOT_CACHED = object()
 
 
 def cached_target(path: str, dev: int, ino: int) -> Target | Uncovered | None | object:
-    """What boringssl_target would answer, from the on-disk cache only (microseconds); NOT_CACHED if unknown.
+    """What boringssl_target would answer, from the on-disk cache only (no analysis); NOT_CACHED if unknown.
 
     For callers that must not block on an analysis (exec handling): when this is NOT_CACHED, run
     boringssl_target in the background.
@@ -147,6 +149,7 @@ def boringssl_target(path: str, dev: int, ino: int) -> Target | Uncovered | None
             "offsets": a.offsets,
             "reason": a.reason,
             "seconds": round(a.seconds, 3),
+            "at": int(time.time()),
         }
         _cache_put(key, cached)
     return _answer(path, dev, ino, cached)
@@ -566,7 +569,11 @@ def _cache_put(key: str, entry: dict) -> None:
     with _cache_lock:
         data = _cache_load()
         data["version"] = ANALYSIS_VERSION
-        data.setdefault("files", {})[key] = entry
+        files = data.setdefault("files", {})
+        files[key] = entry
+        if len(files) > MAX_CACHE_ENTRIES:
+            for old in sorted(files, key=lambda k: files[k].get("at", 0))[: len(files) - MAX_CACHE_ENTRIES]:
+                del files[old]
         path = cache_path()
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -96,7 +96,8 @@ class Oracle:
     def __init__(self, exe: Path, write_off: int, read_off: int) -> None:
         bt = _need_bpftrace()
         prog = (
-            f'uprobe:"{exe}":{write_off:#x} {{ printf("W %d %lu %d %r\\n", pid, arg0, (int32)arg2, buf(arg1, {SHOWN})); }}\n'
+            f'uprobe:"{exe}":{write_off:#x} {{\n'
+            f'  printf("W %d %lu %d %r\\n", pid, arg0, (int32)arg2, buf(arg1, {SHOWN})); }}\n'
             f'uprobe:"{exe}":{read_off:#x} {{ @buf[tid] = arg1; @ssl[tid] = arg0; }}\n'
             f'uretprobe:"{exe}":{read_off:#x} /@buf[tid]/ {{\n'
             f'  printf("R %d %lu %d %r\\n", pid, @ssl[tid], (int32)retval, buf(@buf[tid], {SHOWN}));\n'
@@ -129,7 +130,8 @@ class Oracle:
             m = _LINE.match(line)
             if m and int(m.group(4)) > 0:
                 n = int(m.group(4))
-                calls[(m.group(1), int(m.group(2)), int(m.group(3)))].append((n, _unescape(m.group(5))[: min(n, SHOWN)]))
+                head = _unescape(m.group(5))[: min(n, SHOWN)]
+                calls[(m.group(1), int(m.group(2)), int(m.group(3)))].append((n, head))
         self.out.close()
         return calls
 

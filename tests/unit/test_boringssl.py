@@ -199,7 +199,8 @@ def test_rust_program_with_rustls_is_uncovered_by_name(tmp_path: Path, monkeypat
     monkeypatch.setenv(boringssl.CACHE_ENV, str(tmp_path / "cache"))
     src = tmp_path / "r.c"
     src.write_text(
-        '#include <stdio.h>\nconst char *loc = "/root/.cargo/registry/src/index.crates.io-1/rustls-0.23.46/src/conn.rs";\n'
+        "#include <stdio.h>\n"
+        'const char *loc = "/root/.cargo/registry/src/index.crates.io-1/rustls-0.23.46/src/conn.rs";\n'
         "int main(void) { puts(loc); return 0; }\n"
     )
     exe = tmp_path / "r"
@@ -207,3 +208,17 @@ def test_rust_program_with_rustls_is_uncovered_by_name(tmp_path: Path, monkeypat
     st = os.stat(exe)
     t = boringssl.boringssl_target(str(exe), st.st_dev, st.st_ino)
     assert isinstance(t, Uncovered) and t.stack == Stack.RUSTLS and "rustls" in t.reason
+
+
+def test_cache_keeps_only_the_newest_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(boringssl.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(boringssl, "MAX_CACHE_ENTRIES", 3)
+    files = []
+    for i in range(5):
+        f = tmp_path / f"f{i}"
+        f.write_bytes(b"not an elf")
+        st = os.stat(f)
+        files.append((f, st))
+        assert boringssl.boringssl_target(str(f), st.st_dev, st.st_ino) is None
+    kept = [boringssl.cached_target(str(f), st.st_dev, st.st_ino) is not boringssl.NOT_CACHED for f, st in files]
+    assert sum(kept) == 3 and kept[-1]
