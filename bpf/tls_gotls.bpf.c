@@ -23,12 +23,13 @@
  * keyed by goroutine, not thread: a goroutine that blocks in Read may resume
  * on another thread.
  *
- * fd and peer: the TLS entry probes mark the thread as inside a TLS call
+ * fd and peer, until the connection's socket is known (map "socks"): when
+ * user space knew the struct layout from DWARF (map go_fd_layouts), it is
+ * read straight from the connection before the first record (the "dwarf"
+ * path): tls.Conn.conn (net.Conn interface) -> *net.TCPConn -> netFD ->
+ * pfd.Sysfd. Otherwise the entry probes mark the thread as inside a TLS call
  * (map "calls"), so process.bpf.c learns the socket from the read/write
- * syscall made on the same thread (the "syscall" path). When user space knew
- * the struct layout from DWARF (map go_fd_layouts), the socket is read
- * straight from the connection before the first record (the "dwarf" path):
- * tls.Conn.conn (net.Conn interface) -> *net.TCPConn -> netFD -> pfd.Sysfd.
+ * syscall made on the same thread (the "syscall" path).
  */
 #include "common.bpf.h"
 
@@ -53,6 +54,8 @@ struct go_read_key {
 struct go_read {
 	__u64 conn;
 	__u64 buf;
+	__u8 marked; /* the thread was marked for the syscall path at entry */
+	__u8 _pad[7];
 };
 
 struct {
@@ -92,8 +95,8 @@ static __always_inline __u64 read_u64(__u64 addr)
 	return v;
 }
 
-/* the "dwarf" path: note the connection's socket from its Go structures */
-static __always_inline void go_learn_sock(__u64 conn)
+/* the "dwarf" path: note the connection's socket from its Go structures; false when it cannot */
+static __always_inline bool go_learn_sock(__u64 conn)
 {
 	struct llmspy_conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .conn = conn };
 	struct llmspy_sock so = {};
@@ -105,33 +108,31 @@ static __always_inline void go_learn_sock(__u64 conn)
 	__u64 itab, data, netfd, fun0;
 	__s64 fd;
 
-	if (bpf_map_lookup_elem(&socks, &k))
-		return;
 	itab = read_u64(conn);
 	data = read_u64(conn + 8);
 	if (!itab || !data)
-		return;
+		return false;
 	fun0 = read_u64(itab + GO_ITAB_FUN_OFF + 8 * GO_NETCONN_CLOSE);
 	lay = bpf_map_lookup_elem(&go_fd_layouts, &fun0);
 	if (!lay || read_u64(itab + GO_ITAB_FUN_OFF + 8 * GO_NETCONN_READ) != lay->tcpconn_read)
-		return; /* not a *net.TCPConn, or a binary without known layout */
+		return false; /* not a *net.TCPConn, or a binary without known layout */
 	netfd = read_u64(data + lay->fd_off);
 	if (!netfd)
-		return;
+		return false;
 	fd = (__s64)read_u64(netfd + lay->pfd_off + lay->sysfd_off);
 
 	task = bpf_get_current_task_btf();
 	if (fd < 0 || fd >= BPF_CORE_READ(task, files, fdt, max_fds))
-		return;
+		return false;
 	fds = BPF_CORE_READ(task, files, fdt, fd);
 	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
-		return;
+		return false;
 	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
-		return;
+		return false;
 	sock = BPF_CORE_READ(f, private_data);
 	sk = BPF_CORE_READ(sock, sk);
 	if (!sk)
-		return;
+		return false;
 	so.family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (so.family == AF_INET) {
 		__u32 daddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
@@ -140,12 +141,12 @@ static __always_inline void go_learn_sock(__u64 conn)
 	} else if (so.family == AF_INET6) {
 		BPF_CORE_READ_INTO(&so.peer_addr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	} else {
-		return;
+		return false;
 	}
 	so.fd = fd;
 	so.peer_port = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	so.local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
-	bpf_map_update_elem(&socks, &k, &so, BPF_ANY);
+	return bpf_map_update_elem(&socks, &k, &so, BPF_ANY) == 0;
 }
 
 /* the "syscall" path: process.bpf.c attributes this thread's socket I/O to conn */
@@ -157,13 +158,32 @@ static __always_inline void mark_thread(__u64 conn, __u64 buf, __u8 dir)
 	bpf_map_update_elem(&calls, &tid, &call, BPF_ANY);
 }
 
+/* conn 0: whatever Go call marked this thread */
 static __always_inline void unmark_thread(__u64 conn)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct llmspy_call *call = bpf_map_lookup_elem(&calls, &tid);
 
-	if (call && call->conn == conn && call->stack == LLMSPY_STACK_GOTLS)
+	if (call && (!conn || call->conn == conn) && call->stack == LLMSPY_STACK_GOTLS)
 		bpf_map_delete_elem(&calls, &tid);
+}
+
+/*
+ * Until the connection's socket is known: from the DWARF layout at once, else
+ * from the next syscall on this thread. Once known, a mark left by an earlier
+ * Write (which has no return probe) is dropped, so that later unrelated I/O on
+ * the thread is not taken for it. Returns whether the thread is now marked.
+ */
+static __always_inline bool go_find_sock(__u64 conn, __u64 buf, __u8 dir)
+{
+	struct llmspy_conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .conn = conn };
+
+	if (bpf_map_lookup_elem(&socks, &k) || go_learn_sock(conn)) {
+		unmark_thread(0);
+		return false;
+	}
+	mark_thread(conn, buf, dir);
+	return true;
 }
 
 /* entry of crypto/tls.(*Conn).Write: RAX = c, RBX = b.ptr, RCX = len(b) */
@@ -174,8 +194,7 @@ int go_write_enter(struct pt_regs *ctx)
 
 	if (!conn || !len || !llmspy_should_trace() || llmspy_is_muted(conn))
 		return 0;
-	mark_thread(conn, buf, LLMSPY_DIR_WRITE);
-	go_learn_sock(conn);
+	go_find_sock(conn, buf, LLMSPY_DIR_WRITE);
 	llmspy_emit(conn, buf, len, LLMSPY_DIR_WRITE, LLMSPY_STACK_GOTLS);
 	return 0;
 }
@@ -189,9 +208,8 @@ int go_read_enter(struct pt_regs *ctx)
 
 	if (!r.conn || !ctx->cx || !llmspy_should_trace() || llmspy_is_muted(r.conn))
 		return 0;
+	r.marked = go_find_sock(r.conn, r.buf, LLMSPY_DIR_READ);
 	bpf_map_update_elem(&go_reads, &k, &r, BPF_ANY);
-	mark_thread(r.conn, r.buf, LLMSPY_DIR_READ);
-	go_learn_sock(r.conn);
 	return 0;
 }
 
@@ -208,7 +226,8 @@ int go_read_ret(struct pt_regs *ctx)
 		return 0; /* filtered or muted at entry, or attached while this Read was running */
 	if (n > 0)
 		llmspy_emit(r->conn, r->buf, n, LLMSPY_DIR_READ, LLMSPY_STACK_GOTLS);
-	unmark_thread(r->conn);
+	if (r->marked)
+		unmark_thread(r->conn);
 	bpf_map_delete_elem(&go_reads, &k);
 	return 0;
 }

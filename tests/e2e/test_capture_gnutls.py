@@ -24,6 +24,8 @@ pytestmark = pytest.mark.e2e
 MIB = 1 << 20
 CLIENT_TIMEOUT = 60
 GNUTLS_OBJECTS = ("process.bpf.o", "tls_gnutls.bpf.o")
+# room for a whole test's exchanges even if the reader falls behind on a loaded machine
+RING_BYTES = 64 << 20
 # role -> the exported entry points that move application data through the caller's buffer
 GNUTLS_ROLES = {
     "gnutls_record_send": ("gnutls_record_send", "gnutls_record_send2"),
@@ -62,7 +64,7 @@ def gnutls_capture() -> Iterator[tuple]:
     from tests.conftest import EventLog
 
     log = EventLog()
-    session = CaptureSession(log, objects=GNUTLS_OBJECTS, scan=False, poll_ms=50).start()
+    session = CaptureSession(log, objects=GNUTLS_OBJECTS, ring_bytes=RING_BYTES, scan=False, poll_ms=50).start()
     try:
         target = gnutls_target(lib)
         assert all(target.offsets.values()), target

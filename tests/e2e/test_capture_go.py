@@ -37,6 +37,9 @@ pytestmark = [
 MIB = 1 << 20
 CLIENT_TIMEOUT = 120
 GO_OBJECTS = ("process.bpf.o", "tls_gotls.bpf.o")
+# room for every byte of a test's exchanges even if the reader falls behind on a loaded machine (a Go client
+# reads 16 KiB records as fast as loopback delivers them); loss would show as a gap and fail the test
+RING_BYTES = 64 << 20
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 VARIANTS = [(tc, stripped) for tc in TOOLCHAINS for stripped in (False, True)]
 VARIANT_IDS = [f"{tc.name}-{'stripped' if s else 'full'}" for tc, s in VARIANTS]
@@ -142,6 +145,35 @@ def check_h2(write: bytes, read: bytes, req_size: int) -> list[int]:
     return seeds
 
 
+def through_http2_parser(chunks: list) -> dict[int, dict]:
+    """Feed the captured chunks, in capture order, to the pipeline's HTTP/2 parser (llmspyd.protocols.http2):
+    msg -> {"target", "status", "request", "response", "ended"}; fails on any broken message."""
+    from llmspyd.protocols.events import (
+        MessageBroken, RequestData, RequestHead, ResponseData, ResponseEnd, ResponseHead,
+    )  # fmt: skip
+    from llmspyd.protocols.http2 import Http2Connection
+
+    h2c = Http2Connection()
+    msgs: dict[int, dict] = {}
+    for c in sorted(chunks, key=lambda c: (c.ts_ns, c.offset)):
+        for ev in h2c.receive(c.direction, c.data, c.ts_ns):
+            m = msgs.setdefault(ev.msg, {"request": bytearray(), "response": bytearray(), "ended": False})
+            if isinstance(ev, MessageBroken):
+                raise AssertionError(f"HTTP/2 message broken: {ev}")
+            if isinstance(ev, RequestHead):
+                m["target"] = ev.target
+            elif isinstance(ev, RequestData):
+                m["request"] += ev.data
+            elif isinstance(ev, ResponseHead):
+                m["status"] = ev.status
+            elif isinstance(ev, ResponseData):
+                m["response"] += ev.data
+            elif isinstance(ev, ResponseEnd):
+                m["ended"] = True
+    assert not h2c.dead and h2c.counters["parse_errors"] == 0, h2c.counters
+    return msgs
+
+
 # ---- fixtures -------------------------------------------------------------------------------------------
 
 
@@ -153,7 +185,7 @@ def go_capture() -> Iterator[tuple]:
     from tests.conftest import EventLog
 
     log = EventLog()
-    session = CaptureSession(log, objects=GO_OBJECTS, scan=False, poll_ms=50).start()
+    session = CaptureSession(log, objects=GO_OBJECTS, ring_bytes=RING_BYTES, scan=False, poll_ms=50).start()
     yield session, log
     session.close()
 
@@ -187,7 +219,7 @@ def run_client_pid(binary: Path, url: str, *args: str) -> tuple[int, list[str]]:
     return p.pid, out.splitlines()
 
 
-def captured_seeds(log, pid: int, check, req_size: int, n: int, timeout: float = 20.0) -> dict[int, list[int]]:
+def captured_seeds(session, log, pid: int, check, req_size: int, n: int, timeout: float = 20.0) -> dict[int, list[int]]:
     """conn -> seeds of its exchanges, once all n exchanges of pid are captured and check out."""
     result: dict[int, list[int]] = {}
 
@@ -196,7 +228,7 @@ def captured_seeds(log, pid: int, check, req_size: int, n: int, timeout: float =
         for conn in log.conns(pid):
             write, wgaps = log.stream(pid, conn, Direction.WRITE)
             read, rgaps = log.stream(pid, conn, Direction.READ)
-            assert wgaps == [] and rgaps == [], (wgaps, rgaps)
+            assert wgaps == [] and rgaps == [], (wgaps, rgaps, session.probes.stats())
             try:
                 result[conn] = check(write, read, req_size)
             except Incomplete:
@@ -223,11 +255,19 @@ def test_go_client_several_mib_exact(go_capture, go_server, variant, proto):
     want_proto = "HTTP/2.0" if proto == "h2" else "HTTP/1.1"
     assert len(lines) == n and all(f" {want_proto} {resp} " in line and line.endswith("ok=true") for line in lines)
 
-    seeds = captured_seeds(log, pid, check_h2 if proto == "h2" else check_h1, req, n)
+    seeds = captured_seeds(session, log, pid, check_h2 if proto == "h2" else check_h1, req, n)
     assert sorted(s for ss in seeds.values() for s in ss) == list(range(n))
     assert len(seeds) == 1  # one keep-alive (h1) or multiplexed (h2) connection
     (conn,) = seeds
     chunks = log.chunks(pid, conn)
+    if proto == "h2":
+        # the pipeline's own HTTP/2 path gets every exchange right from the captured chunks
+        msgs = through_http2_parser(chunks)
+        assert len(msgs) == n
+        for m in msgs.values():
+            size, seed = _query(m["target"])
+            assert m["status"] == 200 and m["ended"]
+            assert bytes(m["request"]) == pattern(req, seed) and bytes(m["response"]) == pattern(size, seed)
     assert all(c.stack == Stack.GOTLS and c.comm == binary.name[:15] for c in chunks)
     port = int(go_server.rsplit(":", 1)[1])
     with_peer = [c for c in chunks if c.peer is not None]
@@ -316,7 +356,7 @@ def test_go_safety_stack_growth_and_concurrency(go_capture, go_server, tc, tmp_p
 
     assert with_probes == without
     assert len(with_probes) == n and all(line.endswith("ok=true") for line in with_probes)
-    seeds = captured_seeds(log, pid, check_h1, 300, n, timeout=60)
+    seeds = captured_seeds(session, log, pid, check_h1, 300, n, timeout=60)
     assert sorted(s for ss in seeds.values() for s in ss) == list(range(n))  # each exchange once
     assert len(seeds) == 8
     # each connection was closed by tls.Conn.Close
