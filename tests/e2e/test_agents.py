@@ -192,6 +192,31 @@ def test_bun_fetch_seen_byte_exact_at_found_offsets(agents, found, tls_server, t
     assert w > 0 and r >= 50000
 
 
+def test_other_bun_builds_of_each_release(agents, tls_server, tls_env) -> None:
+    """npm also installs Bun's other x64 builds (baseline CPUs, musl): each is found; the glibc ones pass the oracle."""
+    checked = []
+    for key in BUNS:
+        for exe in sorted((agents[key].prefix / "node_modules" / "@oven").glob("bun-linux-x64*/bin/bun*")):
+            if exe.resolve() == agents[key].exe.resolve() or exe.read_bytes()[:4] != b"\x7fELF":
+                continue
+            a = boringssl.analyse(str(exe))
+            assert a.reason == "" and set(a.offsets) == {"SSL_write", "SSL_read"}, (exe, a.reason)
+            checked.append(exe)
+            if "musl" in exe.parent.parent.name:
+                continue  # needs the musl loader, which Debian does not have: found, not run
+            oracle = Oracle(exe, a.offsets["SSL_write"][0], a.offsets["SSL_read"][0])
+            marker = f"/oracle-{key}-{exe.parent.parent.name}".encode()
+            script = f"const r = await fetch('{tls_server.url}{marker.decode()}'); console.log(await r.text())"
+            try:
+                p = subprocess.run([str(exe), "-e", script], env=tls_env, capture_output=True, text=True, timeout=60)
+            finally:
+                calls = oracle.stop()
+            assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+            _check(calls, _pid_of(calls, marker), tls_server, marker)
+    assert checked, "npm installed no other Bun build to check"
+    print("checked:", *checked, sep="\n  ")
+
+
 @pytest.mark.parametrize("key", CLAUDES)
 def test_claude_request_seen_byte_exact_at_found_offsets(agents, found, tls_server, tls_env, key, tmp_path) -> None:
     a, f = agents[key], found[key]
