@@ -65,10 +65,19 @@ __attribute__((noinline)) int SSL_read(SSL *ssl, void *buf, int num) {
   return ret;
 }
 
-__attribute__((noinline)) int SSL_write(SSL *ssl, const void *buf, int num) {
+#ifdef WRITE_EXTRA_ARG /* SSL_write's errors in a 4-argument function: not the shape the probe reads */
+#define WRITE_PARAMS SSL *ssl, const void *buf, int num, int flags
+#define WRITE_FLAGS flags
+#define WRITE_EXTRA , argc
+#else
+#define WRITE_PARAMS SSL *ssl, const void *buf, int num
+#define WRITE_FLAGS 0
+#define WRITE_EXTRA
+#endif
+__attribute__((noinline)) int SSL_write(WRITE_PARAMS) {
   if (ssl->quic_method != NULL) { OPENSSL_PUT_ERROR(66); return -1; }
   if (ssl->do_handshake == NULL) { OPENSSL_PUT_ERROR(226); return -1; }
-  int ret = 0, needs = 0;
+  int ret = 0, needs = WRITE_FLAGS;
   size_t written = 0;
   do {
     if (ssl->in_init) {
@@ -102,6 +111,6 @@ int main(int argc, char **argv) {
   char buf[16];
   int n = SSL_read(&ssl, buf, sizeof buf);
   SSL_peek(&ssl, buf, sizeof buf);
-  SSL_write(&ssl, buf, n > 0 ? n : 0);
+  SSL_write(&ssl, buf, n > 0 ? n : 0 WRITE_EXTRA);
   return SSL_shutdown(&ssl) + (argc > 9 ? SSL_do_handshake(&ssl) : 0) + (argv == NULL);
 }

@@ -132,6 +132,15 @@ def test_without_bad_length_check_it_is_uncovered_not_guessed(tmp_path: Path) ->
 
 
 @needs_clang
+def test_candidate_with_the_wrong_arguments_is_refused(tmp_path: Path) -> None:
+    """SSL_write's errors, but the function reads a 4th argument: the finder says why and gives no offset."""
+    _, stripped = build(tmp_path, "extra", ["-fPIE", "-pie", "-DWRITE_EXTRA_ARG"])
+    a = boringssl.analyse(str(stripped))
+    assert a.offsets == {}
+    assert "SSL_write candidate" in a.reason and "more than 3 args" in a.reason
+
+
+@needs_clang
 def test_plain_program_has_no_boringssl(tmp_path: Path) -> None:
     src = tmp_path / "plain.c"
     src.write_text('#include <stdio.h>\nint main(void) { puts("ssl_lib"); return 0; }\n')
