@@ -211,6 +211,22 @@ class Daemon:
         """Detach, drain, flush every open exchange, close sinks. Idempotent."""
         self._stop.set()
         self.notifier.notify("STOPPING=1")
+        # systemd keeps the watchdog armed while a unit stops: keep feeding it, each step below has its own
+        # time limit and TimeoutStopSec bounds the whole
+        done = threading.Event()
+        watchdog_s = _watchdog_interval()
+        if watchdog_s:
+            threading.Thread(target=self._feed_watchdog, args=(done, min(TICK_S, watchdog_s / 4)), daemon=True).start()
+        try:
+            self._shutdown()
+        finally:
+            done.set()
+
+    def _feed_watchdog(self, done: threading.Event, every: float) -> None:
+        while not done.wait(every):
+            self.notifier.notify("WATCHDOG=1")
+
+    def _shutdown(self) -> None:
         cap, self.capture = self.capture, None
         if cap is not None:
             try:

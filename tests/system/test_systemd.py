@@ -342,7 +342,8 @@ def test_watchdog_restarts_a_hung_daemon(box: Container) -> None:
 
 def test_stop_is_clean(box: Container) -> None:
     box.run("systemctl", "stop", "llmspyd", timeout=60)
-    assert box.run("systemctl", "is-active", "llmspyd", check=False).stdout.strip() == "inactive"
+    state = box.run("systemctl", "is-active", "llmspyd", check=False).stdout.strip()
+    assert state == "inactive", box.run("journalctl", "-u", "llmspyd", "--no-pager", "-n", "30").stdout
     assert box.prop("llmspyd", "Result") == "success"
     log = box.run("journalctl", "-u", "llmspyd", "--no-pager", "-n", "20").stdout
     assert "stopped" in log

@@ -306,3 +306,15 @@ def test_dump_chunks_writes_every_chunk(tmp_path: Path) -> None:
     assert [base64.b64decode(x["data"]) for x in lines] == [b"POST /v1/x HTTP/1.1\r\n", b"\r\n"]
     assert [x["offset"] for x in lines] == [0, 21]
     assert (tmp_path / "chunks.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_watchdog_fed_during_a_slow_shutdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # systemd keeps the watchdog armed while the unit stops: a slow flush must not look like a hang
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    d, log, m = make(tmp_path)
+    d.start()
+    m["pipeline"].flush_idle = lambda now, idle: time.sleep(0.6) if idle == 0 else None
+    n = log.events.count("WATCHDOG=1")
+    d.shutdown()
+    assert log.events.count("WATCHDOG=1") >= n + 3
