@@ -31,7 +31,7 @@ from llmspyd.discovery.execwatch import ExecWatcher
 from llmspyd.discovery.scanner import Scanner, analyse_isolated
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 40
+ROUNDS = 30
 # first write of the C client, after its start: late enough that every round completes its request
 CLIENT_DELAY_MS = 200
 AGENT_GLOBS = (
@@ -93,6 +93,7 @@ class Timeline:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.attach_ms: dict[tuple[int, int], float] = {}  # file key -> duration of the attach call
         self.delivered: dict[int, int] = {}
         self.attached: dict[tuple[int, int], int] = {}  # file key -> ns
 
@@ -118,8 +119,15 @@ def bench_exec(c_client: str) -> None:
     log = EventLog()
     tl = Timeline()
     session = CaptureSession(log, scan=False, poll_ms=20)
-    watcher = ExecWatcher(session.probes.attach, detach=session.probes.detach, scanner=Scanner(),
-                          on_attached=tl.on_attached)
+    def attach(target):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        try:
+            return session.probes.attach(target)
+        finally:
+            with tl.lock:
+                tl.attach_ms.setdefault(target.key, 1e3 * (time.perf_counter() - t0))
+
+    watcher = ExecWatcher(attach, detach=session.probes.detach, scanner=Scanner(), on_attached=tl.on_attached)
     inner = watcher.on_exec
 
     def on_exec(pid: int) -> None:
@@ -136,7 +144,7 @@ def bench_exec(c_client: str) -> None:
         time.sleep(0.1)
     try:
         for kind in ("exe", "lib"):
-            total, delivery, work, captured = [], [], [], 0
+            total, delivery, work, attach_call, captured = [], [], [], [], 0
             for i in range(ROUNDS):
                 d = tmp / f"{kind}{i}"
                 d.mkdir()
@@ -164,12 +172,14 @@ def bench_exec(c_client: str) -> None:
                 if dl is not None:
                     delivery.append((dl - ev.ts_ns) / 1e6)
                     work.append((att - dl) / 1e6)
+                attach_call.append(tl.attach_ms.get(key, 0.0))
                 if log.chunks(ev.pid):
                     captured += 1
             label = {"exe": "fresh executable, OpenSSL inside", "lib": "fresh libssl via LD_LIBRARY_PATH (curl)"}
             print(f"exec -> probes attached, {label[kind]}: {len(total)}/{ROUNDS} attached, "
                   f"{captured} with TLS data captured")
-            for name, xs in (("total", total), ("event delivery", delivery), ("discovery work", work)):
+            for name, xs in (("total", total), ("event delivery", delivery), ("discovery work", work),
+                             ("  of which attach", attach_call)):
                 if xs:
                     print(f"  {name:16s} median {statistics.median(xs):7.1f} ms   p99 {pct(xs, 99):7.1f} ms"
                           f"   max {max(xs):7.1f} ms")

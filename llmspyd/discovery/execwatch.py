@@ -61,6 +61,8 @@ SLOW_WORKERS = 2
 # a slow analysis that takes longer than this is given up (the file is reported uncovered): a 245 MB Bun
 # binary takes a few seconds here
 SLOW_TIMEOUT_S = 120.0
+# an exec whose discovery work takes longer is logged with its time breakdown
+SLOW_EXEC_LOG_MS = 100
 # every process is re-read this often: catches anything an event missed (lost exec records) and replaced files
 SWEEP_INTERVAL_S = 10.0
 # attach failures are retried this many times (a path may vanish between the scan and the attach)
@@ -127,7 +129,8 @@ class ExecWatcher:
         # slow finders run in worker processes unless the scanner carries in-process (test) finders
         self._isolate = isolate_slow and not self.scanner.custom_finders
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self._pool_ok = False  # a worker has answered once: a broken pool after that is a crash, not a setup issue
+        self._pool_ok = False
+        self._exec_notes: list[str] = []  # a worker has answered once: a broken pool after that is a crash, not a setup issue
         self._stop = False
         self.counters = {"execs": 0, "exits": 0, "scans": 0, "attached": 0, "attach_failed": 0, "predicted": 0,
                          "replaced": 0, "out_of_scope": 0, "exec_work_ms": 0.0, "exec_work_max_ms": 0.0}
@@ -319,8 +322,11 @@ class ExecWatcher:
                     kind, pid = item
                     if kind == "exec":
                         t0 = time.perf_counter()
+                        self._exec_notes = []
                         self._exec(pid)
                         ms = (time.perf_counter() - t0) * 1e3
+                        if ms > SLOW_EXEC_LOG_MS:
+                            log.info("exec of pid %d took %.0f ms: %s", pid, ms, "; ".join(self._exec_notes))
                         self.counters["exec_work_ms"] += ms
                         self.counters["exec_work_max_ms"] = max(self.counters["exec_work_max_ms"], ms)
                     elif kind == "rescan":
@@ -329,6 +335,12 @@ class ExecWatcher:
                         self._exit(pid)
             except Exception:  # discovery must outlive any one process or file
                 log.exception("discovery work item %s failed", item)
+
+    def _note(self, what: str, t0: float, detail: str = "") -> None:
+        """Per-exec time breakdown (worker thread only), logged when an exec's work is slow."""
+        if threading.current_thread() is self._thread:
+            ms = (time.perf_counter() - t0) * 1e3
+            self._exec_notes.append(f"{what} {ms:.0f} ms {detail}".rstrip())
 
     def _exec(self, pid: int) -> None:
         self.counters["execs"] += 1
@@ -374,7 +386,9 @@ class ExecWatcher:
         self.counters["scans"] += 1
         with self._lock:
             prev = self._st.coverage.get(pid)
+        t0 = time.perf_counter()
         cov = self.scanner.scan_process(pid, prev, heavy=False)
+        self._note("scan", t0)
         if cov is None:
             return
         if cov.deferred:
@@ -384,7 +398,9 @@ class ExecWatcher:
         for t in list(cov.targets.values()):
             self._ensure(pid, t, _ns_path_of(pid, t))
         if predict:
+            t0 = time.perf_counter()
             self._predict(pid, cov)
+            self._note("predict", t0)
 
     def _predict(self, pid: int, cov: ProcessCoverage) -> None:
         """Probe the libraries the loader is about to map (DT_NEEDED closure of the executable)."""
@@ -435,7 +451,9 @@ class ExecWatcher:
                 self._mark_failed(pid, target, last)
                 return False
         try:
+            t0 = time.perf_counter()
             roles = self._attach(target)
+            self._note("attach", t0, target.path)
             err = "" if roles else "no probe attached (see the daemon log)"
         except Exception as e:  # the attacher reports; discovery carries on with the other files
             roles, err = [], str(e)
