@@ -358,40 +358,64 @@ _FD_CHAIN = (
 _TCPCONN = ("net.TCPConn", "conn")
 
 
+def _struct_members(dwarf: Any, info: bytes, cus: list[tuple[int, int, Any]], name: str) -> dict[str, int] | None:
+    """Member offsets of the struct type DIE named `name`, found by its name bytes instead of a walk.
+
+    Go writes DIE names inline (DW_FORM_string) right after a one-byte abbreviation code, so each
+    occurrence of the name is a candidate DIE one byte earlier; a candidate counts only if it parses as a
+    structure type of exactly that name whose children are members. Walking every DIE with pyelftools
+    instead takes seconds per MiB of .debug_info.
+    """
+    needle = name.encode() + b"\x00"
+    pos = info.find(needle)
+    while pos >= 0:
+        die_off = pos - 1
+        cu = next((c for lo, hi, c in cus if lo <= die_off < hi), None)
+        if cu is not None:
+            try:
+                die = cu.get_DIE_from_refaddr(die_off)
+                dname = die.attributes.get("DW_AT_name")
+                if (
+                    die.tag == "DW_TAG_structure_type"
+                    and dname is not None
+                    and dname.value == needle[:-1]
+                    and "DW_AT_byte_size" in die.attributes
+                ):
+                    members: dict[str, int] = {}
+                    for child in die.iter_children():
+                        loc = child.attributes.get("DW_AT_data_member_location")
+                        cname = child.attributes.get("DW_AT_name")
+                        if child.tag != "DW_TAG_member" or loc is None or cname is None:
+                            break
+                        if isinstance(loc.value, int):
+                            members[cname.value.decode("utf-8", "replace")] = loc.value
+                    else:
+                        return members
+            except Exception:  # noqa: BLE001 - a false candidate can fail to parse in any way
+                pass
+        pos = info.find(needle, pos + 1)
+    return None
+
+
 def dwarf_fd_layout(elf: Any) -> dict[str, int] | None:
     """Member offsets from DWARF along tls.Conn -> net.Conn -> netFD -> Sysfd, or None."""
     if not elf.has_dwarf_info():
         return None
     try:
         dwarf = elf.get_dwarf_info()
+        info = dwarf.debug_info_sec.stream.getvalue()
+        cus = []
+        for cu in dwarf.iter_CUs():
+            cus.append((cu.cu_offset, cu.cu_offset + cu["unit_length"] + cu.structs.initial_length_field_size(), cu))
     except Exception:  # noqa: BLE001 - a DWARF we cannot read means "no layout", never a failure
         return None
-    wanted = {name: (member, param) for name, member, param in _FD_CHAIN}
-    wanted[_TCPCONN[0]] = (_TCPCONN[1], "tcpconn_conn_off")
     out: dict[str, int] = {}
-    for cu in dwarf.iter_CUs():
-        top = cu.get_top_DIE()
-        for die in top.iter_children():
-            if die.tag != "DW_TAG_structure_type":
-                continue
-            name_attr = die.attributes.get("DW_AT_name")
-            if name_attr is None:
-                continue
-            name = name_attr.value.decode("utf-8", "replace")
-            if name not in wanted:
-                continue
-            member, param = wanted[name]
-            for child in die.iter_children():
-                cname = child.attributes.get("DW_AT_name")
-                if child.tag == "DW_TAG_member" and cname is not None and cname.value.decode() == member:
-                    loc = child.attributes.get("DW_AT_data_member_location")
-                    if loc is not None and isinstance(loc.value, int):
-                        out[param] = loc.value
-            if len(out) == len(wanted):
-                break
-        if len(out) == len(wanted):
-            break
-    if len(out) != len(wanted) or out.pop("tcpconn_conn_off") != 0:
+    for type_name, member, param in (*_FD_CHAIN, (*_TCPCONN, "tcpconn_conn_off")):
+        members = _struct_members(dwarf, info, cus, type_name)
+        if members is None or member not in members:
+            return None
+        out[param] = members[member]
+    if out.pop("tcpconn_conn_off") != 0:
         return None
     return out
 

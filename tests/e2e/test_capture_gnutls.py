@@ -150,3 +150,33 @@ def test_gnutls_cli_interactive_exact(gnutls_capture, tls_server, certs):
     assert log.wait_for(lambda: any(e.conn == conn for e in log.events(ConnClosed, p.pid)), 10)
     closed = [e for e in log.events(ConnClosed, p.pid) if e.conn == conn]
     assert len(closed) == 1 and closed[0].stack == Stack.GNUTLS
+
+
+def test_discovery_attaches_libgnutls_by_itself(tls_server, certs):
+    """With the daemon's discovery and no manual attach, wget's libgnutls is found from its exec and probed."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to load BPF programs")
+    lib = libgnutls()
+    if lib is None:
+        pytest.skip("wget with libgnutls is needed")
+    from llmspyd.capture.session import CaptureSession
+    from tests.conftest import EventLog
+
+    log = EventLog()
+    session = CaptureSession(log, full_discovery=True, scan=False, ring_bytes=RING_BYTES, poll_ms=20).start()
+    try:
+        st = os.stat(lib)
+
+        # the first wget's exec makes discovery probe libgnutls (maybe too late for that wget's first bytes)
+        subprocess.run(["wget", "-q", "--ca-certificate", str(certs.ca), "-O", "/dev/null", f"{tls_server.url}/x"],
+                       capture_output=True, timeout=CLIENT_TIMEOUT)  # fmt: skip
+        assert log.wait_for(lambda: (st.st_dev, st.st_ino) in session.probes.attached(), 30)
+        assert session.probes.attached()[(st.st_dev, st.st_ino)].target.stack == Stack.GNUTLS
+        p = subprocess.Popen(["wget", "-q", "--ca-certificate", str(certs.ca), "-O", "/dev/null",
+                              f"{tls_server.url}/bytes/{MIB}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        _, err = p.communicate(timeout=CLIENT_TIMEOUT)
+        assert p.returncode == 0, err
+        _, rec = assert_exact(log, tls_server, p.pid)
+        assert rec.sent.endswith(pattern(MIB))
+    finally:
+        session.close()

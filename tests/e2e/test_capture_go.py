@@ -285,9 +285,9 @@ class UprobeCounter:
     """Hit counters of plain tracefs uprobes (uprobe_profile): an independent witness of what ran."""
 
     TRACEFS = Path("/sys/kernel/tracing")
-    GROUP = "llmspyd_gotest"
 
     def __init__(self) -> None:
+        self.GROUP = f"llmspyd_gotest_{os.getpid()}"  # two test runs at once must not remove each other's probes
         self.names: list[str] = []
         if not (self.TRACEFS / "uprobe_events").exists():
             subprocess.run(["mount", "-t", "tracefs", "nodev", str(self.TRACEFS)], check=False, capture_output=True)
@@ -316,8 +316,11 @@ class UprobeCounter:
 
     def close(self) -> None:
         for name in self.names:
-            (self.TRACEFS / "events" / self.GROUP / name / "enable").write_text("0")
-            self._command(f"-:{self.GROUP}/{name}")
+            try:
+                (self.TRACEFS / "events" / self.GROUP / name / "enable").write_text("0")
+                self._command(f"-:{self.GROUP}/{name}")
+            except OSError:
+                pass  # already gone
         self.names.clear()
 
 
@@ -372,3 +375,32 @@ def test_go_safety_stack_growth_and_concurrency(go_capture, go_server, tc, tmp_p
         print("entry hits", counts, "writes", writes, "reads", reads)
     else:
         print("tracefs not available: stack growth in the prologues not witnessed")
+
+
+@pytest.mark.parametrize("stripped", [False, True], ids=["full", "stripped"])
+def test_go_binary_started_later_is_found_and_attached_by_discovery(go_server, stripped, tmp_path):
+    """The daemon's discovery (exec events -> scanner -> golang.go_target) attaches a Go binary it never saw,
+    by itself: a fresh copy (new inode) started after the capture, first request 2 s after its exec."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to load BPF programs")
+    from llmspyd.capture.session import CaptureSession
+    from tests.conftest import EventLog
+
+    tc = TOOLCHAINS[-1]
+    binary = tmp_path / f"fresh-{tc.name}"
+    shutil.copy2(build.build("client", tc, stripped=stripped), binary)
+    log = EventLog()
+    session = CaptureSession(log, full_discovery=True, scan=False, ring_bytes=RING_BYTES, poll_ms=20).start()
+    try:
+        n, req = 2, 200_000
+        pid, lines = run_client_pid(binary, go_server, "-delay", "2s", "-h2", "-n", str(n), "-req", str(req),
+                                    "-resp", "300000")  # fmt: skip
+        assert all(line.endswith("ok=true") for line in lines)
+        seeds = captured_seeds(session, log, pid, check_h2, req, n)
+        assert sorted(s for ss in seeds.values() for s in ss) == list(range(n))
+        st = binary.stat()
+        att = session.probes.attached().get((st.st_dev, st.st_ino))
+        assert att is not None and att.target.stack == Stack.GOTLS
+        assert att.target.how.endswith("fd:syscall" if stripped else "fd:dwarf")
+    finally:
+        session.close()

@@ -170,3 +170,29 @@ def test_parse_go_version() -> None:
     assert golang.parse_go_version("go1.21rc2") == (1, 21)
     assert golang.parse_go_version("devel go1.23-abcdef Tue") == (1, 23)
     assert golang.parse_go_version("weird") is None
+
+
+def test_dwarf_layout_matches_a_full_walk_of_the_types(built: tuple[build.Toolchain, Path, Path]) -> None:
+    """The name-search shortcut finds the same members as walking the DWARF type DIEs one by one."""
+    _, full, _ = built
+    with open(full, "rb") as f:
+        elf = ELFFile(f)
+        fast = golang.dwarf_fd_layout(elf)
+        want = {"crypto/tls.Conn": "conn", "net.conn": "fd", "net.netFD": "pfd", "internal/poll.FD": "Sysfd"}
+        walked: dict[str, int] = {}
+        for cu in elf.get_dwarf_info().iter_CUs():
+            top = cu.get_top_DIE()
+            if top.attributes["DW_AT_name"].value != b"runtime":  # Go puts the type DIEs in runtime's CUs
+                continue
+            for die in top.iter_children():
+                name = die.attributes.get("DW_AT_name")
+                if die.tag == "DW_TAG_structure_type" and name is not None and name.value.decode() in want:
+                    for m in die.iter_children():
+                        if m.attributes["DW_AT_name"].value.decode() == want[name.value.decode()]:
+                            walked[name.value.decode()] = m.attributes["DW_AT_data_member_location"].value
+    assert fast == {
+        golang.PARAM_CONN_OFF: walked["crypto/tls.Conn"],
+        golang.PARAM_FD_OFF: walked["net.conn"],
+        golang.PARAM_PFD_OFF: walked["net.netFD"],
+        golang.PARAM_SYSFD_OFF: walked["internal/poll.FD"],
+    }

@@ -20,6 +20,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"time"
 )
 
 // pattern returns n bytes that depend on seed, so each body is distinct:
@@ -122,7 +123,9 @@ func main() {
 	h2 := flag.Bool("h2", false, "offer HTTP/2 through ALPN")
 	depth := flag.Int("recurse", 0, "recursion depth between requests (stack growth)")
 	raw := flag.Bool("raw", false, "HTTP/1.1 by hand on one tls.Conn per worker, each exchange deep in a recursion")
+	delay := flag.Duration("delay", 0, "wait this long before the first request (lets discovery attach first)")
 	flag.Parse()
+	time.Sleep(*delay)
 
 	tr := &http.Transport{
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
