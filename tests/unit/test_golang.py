@@ -196,3 +196,42 @@ def test_dwarf_layout_matches_a_full_walk_of_the_types(built: tuple[build.Toolch
         golang.PARAM_PFD_OFF: walked["net.netFD"],
         golang.PARAM_SYSFD_OFF: walked["internal/poll.FD"],
     }
+
+
+class _FakeImage:
+    """Just what pclntab_funcs reads: the section table and the file bytes."""
+
+    def __init__(self, tab: bytes) -> None:
+        self.data = tab
+        self.sections = {".gopclntab": (0, len(tab), 0x800000)}
+
+    def section(self, name: str) -> memoryview | None:
+        return memoryview(self.data) if name == ".gopclntab" else None
+
+
+def test_pclntab_go116_layout_of_go_1_17() -> None:
+    """Go 1.16-1.17 tables (magic 0xfffffffa): absolute entry PCs; none of our toolchains writes them."""
+    funcs = [("main.main", 0x401000), (golang.WRITE_FN, 0x401200), (golang.READ_FN, 0x401800), ("x.y", 0x402000)]
+    names = bytearray(b"go.buildid\x00")
+    name_offs = []
+    for name, _ in funcs:
+        name_offs.append(len(names))
+        names += name.encode() + b"\x00"
+    header_size = 8 + 7 * 8
+    funcname_off = header_size
+    functab_off = (funcname_off + len(names) + 7) & ~7
+    nfunc = len(funcs)
+    func_structs_off = (nfunc + 1) * 16  # relative to functab_off
+    functab = bytearray()
+    structs = bytearray()
+    for (_, entry), name_off in zip(funcs, name_offs):
+        functab += struct.pack("<QQ", entry, func_structs_off + len(structs))
+        structs += struct.pack("<Qi4x", entry, name_off)
+    functab += struct.pack("<QQ", 0x402100, 0)  # end of the last function
+    header = struct.pack("<IBBBB7Q", golang.PCLN_GO116, 0, 0, 1, 8, nfunc, 0, funcname_off, 0, 0, 0, functab_off)
+    tab = header + bytes(names) + b"\x00" * (functab_off - funcname_off - len(names)) + bytes(functab + structs)
+    found = golang.pclntab_funcs(_FakeImage(tab), (golang.READ_FN, golang.WRITE_FN, "absent"))  # type: ignore[arg-type]
+    assert found == {
+        golang.WRITE_FN: golang.GoFunc(golang.WRITE_FN, 0x401200, 0x401800),
+        golang.READ_FN: golang.GoFunc(golang.READ_FN, 0x401800, 0x402000),
+    }
