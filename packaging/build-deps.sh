@@ -4,7 +4,8 @@
 set -euo pipefail
 pkgs=(clang llvm libbpf-dev libbpf1 bpftool make python3 python3-venv python3-dev gcc
       ca-certificates curl wget gnutls-bin openssl nodejs golang-go
-      systemd systemd-container debootstrap dpkg-dev fakeroot iproute2 util-linux)
+      systemd systemd-container debootstrap dpkg-dev fakeroot iproute2 util-linux
+      bpftrace binutils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
