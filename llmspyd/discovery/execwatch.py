@@ -86,6 +86,7 @@ class Attached:
 class _State:
     coverage: dict[int, ProcessCoverage] = field(default_factory=dict)
     skipped: set[int] = field(default_factory=set)  # out of scope
+    in_scope: set[int] = field(default_factory=set)  # decided in scope (until its next exec)
     attached: dict[tuple[int, int], Attached] = field(default_factory=dict)
     failed: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # key -> (tries, error)
     exec_ts: dict[int, float] = field(default_factory=dict)  # pid -> monotonic time of its exec event
@@ -189,6 +190,14 @@ class ExecWatcher:
             if v.target is not None:
                 n += self._ensure(me, replace(v.target, path=lib.path, dev=lib.dev, ino=lib.ino), found or "")
         return n
+
+    def reset_scope(self) -> None:
+        """Forget per-pid scope decisions (after the scope configuration changed); the next scans ask again."""
+        with self._lock:
+            self._st.skipped.clear()
+            self._st.in_scope.clear()
+            for cov in self._st.coverage.values():
+                cov.seen.clear()  # files of a process now in scope get considered again
 
     def scan_pid(self, pid: int) -> ProcessCoverage | None:
         self._scan(pid, predict=False)
@@ -348,6 +357,7 @@ class ExecWatcher:
             # exec replaces the image: what the old one mapped is no longer its coverage
             self._st.coverage.pop(pid, None)
             self._st.skipped.discard(pid)
+            self._st.in_scope.discard(pid)
         self._scan(pid, predict=True)
         t0 = time.monotonic()
         with self._cond:
@@ -360,6 +370,7 @@ class ExecWatcher:
         with self._lock:
             self._st.coverage.pop(pid, None)
             self._st.skipped.discard(pid)
+            self._st.in_scope.discard(pid)
             self._st.exec_ts.pop(pid, None)
         with self._cond:  # pending rescans of a dead pid would only find nothing
             if any(q[3] == pid for q in self._queue):
@@ -372,11 +383,15 @@ class ExecWatcher:
         with self._lock:
             if pid in self._st.skipped:
                 return False
+            if pid in self._st.in_scope:
+                return True
         info = read_process(pid)
         ok = bool(self.scope(pid, info.exe, info.comm, info.uid, info.cgroup))
-        if not ok:
-            self.counters["out_of_scope"] += 1
-            with self._lock:
+        with self._lock:
+            if ok:
+                self._st.in_scope.add(pid)
+            else:
+                self.counters["out_of_scope"] += 1
                 self._st.skipped.add(pid)
         return ok
 
@@ -488,6 +503,7 @@ class ExecWatcher:
                 self._st.coverage.pop(pid, None)
                 self._st.exec_ts.pop(pid, None)
             self._st.skipped &= live
+            self._st.in_scope &= live
         self.check_replaced()
         for pid in live:
             self._scan(pid, predict=False)
