@@ -8,8 +8,12 @@ since the mapping (" (deleted)", an upgrade, a container image layer), or when
 the two views disagree, `/proc/PID/map_files/<start>-<end>` opens the mapped
 file itself.
 
-The device in maps is the superblock's; uprobes attach to that same (real)
-inode, also on overlayfs, so `(dev, ino)` from maps is the key of a file.
+`(dev, ino)` as maps shows it is the key of a file everywhere in discovery.
+On overlayfs (container images) what maps shows depends on the kernel (the
+real file's device before 6.x, the overlay's with the real inode number on
+6.18); a path not mapped yet is keyed the same way by mapping it in the daemon
+and asking the kernel (`mapped_key`). Uprobes attach to the real inode under
+the overlay whatever path names it.
 """
 
 from __future__ import annotations
@@ -227,7 +231,7 @@ def open_in_root(pid: int, path: str) -> OpenedFile | None:
         return None
     dev, ino = st.st_dev, st.st_ino
     if os.major(dev) == 0:
-        # anonymous device (overlayfs of a container image, btrfs subvolume): stat's (dev, ino) is not what
+        # anonymous device (overlayfs of a container image, btrfs subvolume): stat's (dev, ino) may not be what
         # /proc/PID/maps will show once the process maps it; ask the kernel by mapping it ourselves
         real = mapped_key(full)
         if real is None:
@@ -244,7 +248,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def mapped_key(path: str) -> tuple[int, int] | None:
-    """(dev, ino) of `path` as a memory mapping sees it: the real inode under overlayfs, which uprobes use too."""
+    """(dev, ino) of `path` as /proc/PID/maps will show it once mapped (differs from stat on overlayfs)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

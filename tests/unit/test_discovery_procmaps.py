@@ -144,3 +144,36 @@ def test_other_mount_namespace_resolves_to_its_own_copy(tmp_path: Path) -> None:
         assert pre is not None and pre.key == lib.key
     finally:
         _stop(p)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting overlayfs needs root")
+def test_overlayfs_library_keyed_as_maps_and_uprobes_see_it(tmp_path: Path) -> None:
+    """A container image layer. Kernels differ in what maps shows for it (older: the real file's device;
+    6.x: the overlay's device with the real inode number), so both the mapped file and a path not mapped yet
+    must come out with the key that maps shows on this kernel."""
+    if not os.path.exists(LIBSSL) or not shutil.which("unshare"):
+        pytest.skip("libssl.so.3 or unshare missing")
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    shutil.copy(LIBSSL, lower / "libssl.so.3")
+    real = os.stat(lower / "libssl.so.3")
+    lib = merged / "libssl.so.3"
+    script = (f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work} {merged} && "
+              f"exec {sys.executable} -c \"{LOAD_AND_WAIT}\" {lib}")
+    p = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != b"ready":
+            pytest.skip(f"overlayfs not available: {p.stderr.read().decode() if p.stderr else ''}")
+        mf = next(f for f in procmaps.executable_files(p.pid) if f.path == str(lib))
+        assert mf.ino == real.st_ino
+        overlay_st = os.stat(procmaps.root_path(p.pid, str(lib)))
+        assert os.major(overlay_st.st_dev) == 0 and overlay_st.st_dev != real.st_dev  # stat names the overlay
+        opened = procmaps.open_mapped(p.pid, mf)
+        assert opened is not None and opened.key == mf.key
+        pre = procmaps.open_in_root(p.pid, str(lib))  # the DT_NEEDED pre-resolution path
+        assert pre is not None and pre.key == mf.key
+    finally:
+        _stop(p)
