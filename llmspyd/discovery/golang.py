@@ -429,7 +429,7 @@ class GoAnalysis:
     funcs: dict[str, GoFunc]
     how: str  # "symtab" or "gopclntab"
     probe_at: dict[str, int]  # function -> vaddr of its "entry" probe: after the stack check
-    read_rets: list[int]
+    offsets: dict[str, list[int]]  # Target roles -> FILE offsets
     params: dict[str, int]
 
 
@@ -461,6 +461,13 @@ def analyse(path: str, elf: Any) -> GoAnalysis | None:
         rets = ret_offsets(img, funcs[READ_FN])
         if not rets:
             raise GoBinaryError(f"{READ_FN}: no RET instruction found")
+        offsets: dict[str, list[int]] = {"go_read_ret": rets}
+        for role, fn in (("go_write", WRITE_FN), ("go_read", READ_FN), ("go_close", CLOSE_FN)):
+            if fn in probe_at:
+                off = img.vaddr_to_offset(probe_at[fn])
+                if off is None:
+                    raise GoBinaryError(f"{fn} lies outside the loaded segments")
+                offsets[role] = [off]
         params: dict[str, int] = {}
         layout = dwarf_fd_layout(elf)
         if layout is not None and TCPCONN_CLOSE_FN in funcs and TCPCONN_READ_FN in funcs:
@@ -469,7 +476,7 @@ def analyse(path: str, elf: Any) -> GoAnalysis | None:
                 PARAM_TCPCONN_READ: funcs[TCPCONN_READ_FN].entry,
                 **layout,
             }
-        return GoAnalysis(version, funcs, how, probe_at, rets, params)
+        return GoAnalysis(version, funcs, how, probe_at, offsets, params)
     finally:
         img.close()
 
@@ -492,35 +499,27 @@ def go_target(path: str, elf: Any, dev: int, ino: int) -> Target | Uncovered | N
             return None
     try:
         if elf.header["e_machine"] != "EM_X86_64":
-            if _buildinfo_version(_Image(path, elf)) is None:
-                return None
-            return Uncovered(path, dev, ino, Stack.GOTLS, "Go: only amd64 register ABI is supported")
+            img = _Image(path, elf)
+            try:
+                if _buildinfo_version(img) is None:
+                    return None
+            finally:
+                img.close()
+            return Uncovered(path, dev, ino, Stack.GOTLS, "Go: only the amd64 register ABI is supported")
         try:
             a = analyse(path, elf)
-        except GoBinaryError as e:
+        except (GoBinaryError, struct.error, ValueError, IndexError) as e:
+            # a malformed binary is reported, never an exception in the scanner
             return Uncovered(path, dev, ino, Stack.GOTLS, f"Go: {e}")
         if a is None:
             return None
-        img = _Image(path, elf)
-        try:
-            offsets = {
-                "go_write": [img.vaddr_to_offset(a.probe_at[WRITE_FN])],
-                "go_read": [img.vaddr_to_offset(a.probe_at[READ_FN])],
-                "go_read_ret": a.read_rets,
-            }
-            if CLOSE_FN in a.probe_at:
-                offsets["go_close"] = [img.vaddr_to_offset(a.probe_at[CLOSE_FN])]
-        finally:
-            img.close()
-        if any(o is None for offs in offsets.values() for o in offs):
-            return Uncovered(path, dev, ino, Stack.GOTLS, "Go: a function lies outside the loaded segments")
         fd_path = "dwarf" if a.params else "syscall"
         target = Target(
             path=path,
             dev=dev,
             ino=ino,
             stack=Stack.GOTLS,
-            offsets={k: [int(o) for o in v if o is not None] for k, v in offsets.items()},
+            offsets=a.offsets,
             how=f"{a.how}; {a.version}; fd:{fd_path}",
         )
         target.params.update(a.params)
