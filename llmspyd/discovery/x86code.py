@@ -414,11 +414,27 @@ def _convert(ins: capstone.CsInsn) -> Insn:
     )
 
 
+# bytes handed to capstone at a time: it decodes a whole buffer up front, and callers often stop early
+_DECODE_CHUNK = 512
+_MAX_INSN = 15
+
+
 def decode_linear(img: Image, start: int, limit: int) -> Iterator[Insn]:
     """Instructions from `start` until `limit` bytes or the first byte capstone cannot decode."""
-    code = img.bytes_at(start, limit)
-    for ins in _MD.disasm(code, start):
-        yield _convert(ins)
+    pos, end = start, start + limit
+    while pos < end:
+        code = img.bytes_at(pos, min(_DECODE_CHUNK + _MAX_INSN, end - pos))
+        if not code:
+            return
+        last_end = pos
+        for ins in _MD.disasm(code, pos):
+            if ins.address >= pos + _DECODE_CHUNK:
+                break  # decoded again from here, with the bytes that follow
+            yield _convert(ins)
+            last_end = ins.address + ins.size
+        if last_end == pos or last_end < pos + min(_DECODE_CHUNK, end - pos) and last_end + _MAX_INSN <= end:
+            return  # capstone stopped: undecodable bytes
+        pos = last_end
 
 
 def _is_padding(ins: Insn) -> bool:
@@ -507,7 +523,9 @@ def _only_padding_after(img: Image, va: int) -> bool:
     return False
 
 
-def arg_regs_read(fn: Function, call_reads: dict[int, frozenset[str]] | None = None, max_states: int = 4096) -> set[str]:
+def arg_regs_read(
+    fn: Function, call_reads: dict[int, frozenset[str]] | None = None, max_states: int = 4096
+) -> set[str]:
     """Argument registers some path reads before anything writes them: the arguments the function uses.
 
     Walks the CFG from the entry; a call clobbers the caller-saved registers.
