@@ -43,7 +43,7 @@ AGENT_GLOBS = (
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def build_clients(d: Path) -> tuple[str, str]:
@@ -84,8 +84,10 @@ def bench_scan(go_bin: str) -> None:
         t4 = time.perf_counter()
         what = v.target.how if v.target else (v.uncovered.reason if v.uncovered else "no TLS")
         slow = f"  + finder {1e3 * (t2 - t1):8.1f} ms" if quick.deferred else " " * 22
-        print(f"  {os.path.basename(path):28s} {f.size / 2**20:7.1f} MiB  exec-time {1e3 * (t1 - t0):6.1f} ms{slow}"
-              f"  cached {1e6 * (t4 - t3):6.1f} us  {v.stack.name.lower():9s} {what}")
+        print(
+            f"  {os.path.basename(path):28s} {f.size / 2**20:7.1f} MiB  exec-time {1e3 * (t1 - t0):6.1f} ms{slow}"
+            f"  cached {1e6 * (t4 - t3):6.1f} us  {v.stack.name.lower():9s} {what}"
+        )
 
 
 class Timeline:
@@ -119,6 +121,7 @@ def bench_exec(c_client: str) -> None:
     log = EventLog()
     tl = Timeline()
     session = CaptureSession(log, scan=False, poll_ms=20)
+
     def attach(target):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
         try:
@@ -159,7 +162,7 @@ def bench_exec(c_client: str) -> None:
                     cenv = dict(env, LD_LIBRARY_PATH=str(d))
                 st = os.stat(key_path)
                 key = (st.st_dev, st.st_ino)
-                subprocess.run(argv, env=cenv, capture_output=True, timeout=60)
+                subprocess.run(argv, env=cenv, capture_output=True, timeout=60, check=False)
                 time.sleep(0.2)
                 pid = _pid_of(log, argv[0])
                 ev = next(iter(log.events(ProcessExec, pid)), None) if pid > 0 else None
@@ -176,13 +179,21 @@ def bench_exec(c_client: str) -> None:
                 if log.chunks(ev.pid):
                     captured += 1
             label = {"exe": "fresh executable, OpenSSL inside", "lib": "fresh libssl via LD_LIBRARY_PATH (curl)"}
-            print(f"exec -> probes attached, {label[kind]}: {len(total)}/{ROUNDS} attached, "
-                  f"{captured} with TLS data captured")
-            for name, xs in (("total", total), ("event delivery", delivery), ("discovery work", work),
-                             ("  of which attach", attach_call)):
+            print(
+                f"exec -> probes attached, {label[kind]}: {len(total)}/{ROUNDS} attached, "
+                f"{captured} with TLS data captured"
+            )
+            for name, xs in (
+                ("total", total),
+                ("event delivery", delivery),
+                ("discovery work", work),
+                ("  of which attach", attach_call),
+            ):
                 if xs:
-                    print(f"  {name:16s} median {statistics.median(xs):7.1f} ms   p99 {pct(xs, 99):7.1f} ms"
-                          f"   max {max(xs):7.1f} ms")
+                    print(
+                        f"  {name:16s} median {statistics.median(xs):7.1f} ms   p99 {pct(xs, 99):7.1f} ms"
+                        f"   max {max(xs):7.1f} ms"
+                    )
         print(f"  discovery counters: {watcher.counters}")
     finally:
         watcher.close()

@@ -43,7 +43,7 @@ def _unescape(name: str) -> str:
 
 
 def container_of_path(path: str) -> str:
-    """"docker:<id12>", "nspawn:<name>", "unit:<name>", ... for one cgroup path; "" when nothing applies."""
+    """ "docker:<id12>", "nspawn:<name>", "unit:<name>", ... for one cgroup path; "" when nothing applies."""
     for engine, pat in _PATTERNS:
         m = pat.search(path)
         if m:

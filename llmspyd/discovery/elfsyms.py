@@ -94,7 +94,7 @@ class ElfImage:
     interp: str = ""
     by_index: list[SectionHeader] = field(default_factory=list)
 
-    def __enter__(self) -> ElfImage:
+    def __enter__(self) -> ElfImage:  # noqa: PYI034 - a dataclass, not subclassed
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,7 +180,9 @@ class ElfImage:
         return self.interp
 
     # --- symbols ---------------------------------------------------------------------------------------------
-    def lookup(self, names: list[str] | tuple[str, ...], tables: tuple[str, ...] = (".dynsym", ".symtab")) -> dict[str, Symbol]:
+    def lookup(
+        self, names: list[str] | tuple[str, ...], tables: tuple[str, ...] = (".dynsym", ".symtab")
+    ) -> dict[str, Symbol]:
         """Defined function symbols among `names`, first table that has them wins."""
         found: dict[str, Symbol] = {}
         for table in tables:
@@ -253,7 +255,9 @@ class ElfImage:
             while True:
                 (ch,) = struct.unpack_from("<I", self.data, chain_off + (idx - symoffset) * 4)
                 if (ch | 1) == (h | 1):
-                    st_name, info, _, shndx, value, sz = ELF64_SYM.unpack_from(self.data, sym_off + idx * ELF64_SYM.size)
+                    st_name, info, _, shndx, value, sz = ELF64_SYM.unpack_from(
+                        self.data, sym_off + idx * ELF64_SYM.size
+                    )
                     at = str_off + st_name
                     if self.data[at : at + len(want)] == want:
                         sym = self._symbol(name, info, shndx, value, sz, ".dynsym")
@@ -377,7 +381,7 @@ def _main_path(modinfo: str) -> str:
 
 def open_elf(path: str) -> ElfImage:
     """Open and mmap an ELF file; raises NotElf for anything else (scripts, empty files, garbage)."""
-    f = open(path, "rb")
+    f = open(path, "rb")  # noqa: SIM115 - owned by the returned ElfImage, closed by its close()
     try:
         size = os.fstat(f.fileno()).st_size
         if size < 64:
@@ -400,14 +404,24 @@ def open_elf(path: str) -> ElfImage:
         interp = ""
         for h in phdrs:
             if h["p_type"] == "PT_INTERP":
-                interp = bytes(data[h["p_offset"] : h["p_offset"] + h["p_filesz"]]).split(b"\0")[0].decode("utf-8", "replace")
+                interp = (
+                    bytes(data[h["p_offset"] : h["p_offset"] + h["p_filesz"]])
+                    .split(b"\0")[0]
+                    .decode("utf-8", "replace")
+                )
         by_index = []
         for i in range(elf.num_sections()):
             h = elf._get_section_header(i)  # headers only: no section object is built
             by_index.append(
                 SectionHeader(
-                    i, elf._get_section_name(h), h["sh_type"], h["sh_offset"], h["sh_size"], h["sh_addr"],
-                    h["sh_link"], h["sh_entsize"],
+                    i,
+                    elf._get_section_name(h),
+                    h["sh_type"],
+                    h["sh_offset"],
+                    h["sh_size"],
+                    h["sh_addr"],
+                    h["sh_link"],
+                    h["sh_entsize"],
                 )
             )
     except NotElf:
@@ -419,6 +433,13 @@ def open_elf(path: str) -> ElfImage:
         f.close()
         raise NotElf(f"{path}: {e}") from e
     return ElfImage(
-        path=path, size=size, data=data, elf=elf, _file=f, loads=loads, interp=interp,
-        sections={s.name: s for s in reversed(by_index) if s.name}, by_index=by_index,
+        path=path,
+        size=size,
+        data=data,
+        elf=elf,
+        _file=f,
+        loads=loads,
+        interp=interp,
+        sections={s.name: s for s in reversed(by_index) if s.name},
+        by_index=by_index,
     )

@@ -32,8 +32,8 @@ import concurrent.futures
 import heapq
 import itertools
 import logging
-import os
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -131,10 +131,22 @@ class ExecWatcher:
         self._isolate = isolate_slow and not self.scanner.custom_finders
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._pool_ok = False
-        self._exec_notes: list[str] = []  # a worker has answered once: a broken pool after that is a crash, not a setup issue
+        self._exec_notes: list[
+            str
+        ] = []  # a worker has answered once: a broken pool after that is a crash, not a setup issue
         self._stop = False
-        self.counters = {"execs": 0, "exits": 0, "scans": 0, "attached": 0, "attach_failed": 0, "predicted": 0,
-                         "replaced": 0, "out_of_scope": 0, "exec_work_ms": 0.0, "exec_work_max_ms": 0.0}
+        self.counters = {
+            "execs": 0,
+            "exits": 0,
+            "scans": 0,
+            "attached": 0,
+            "attach_failed": 0,
+            "predicted": 0,
+            "replaced": 0,
+            "out_of_scope": 0,
+            "exec_work_ms": 0.0,
+            "exec_work_max_ms": 0.0,
+        }
 
     @classmethod
     def for_probes(cls, probes: Any, **kw: Any) -> ExecWatcher:
@@ -258,23 +270,24 @@ class ExecWatcher:
         try:
             v = pool.submit(analyse_isolated, opened).result(timeout=SLOW_TIMEOUT_S)
             self._pool_ok = True
-        except concurrent.futures.process.BrokenProcessPool if not self._pool_ok else () as e:
-            # the workers never started (e.g. an unguarded __main__ that multiprocessing re-imports): analyse here
-            log.warning("analysis worker processes unavailable (%s): slow finders run in the daemon", e)
-            with self._cond:
-                self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
-            return self.scanner.analyse(opened, heavy=True)[0]
         except concurrent.futures.TimeoutError:
             v = FileVerdict(key=opened.key, path=opened.path, note="analysis timed out")
-            v.uncovered = Uncovered(opened.path, opened.dev, opened.ino, Stack.UNKNOWN,
-                                    f"analysis took longer than {SLOW_TIMEOUT_S:.0f} s")
+            v.uncovered = Uncovered(
+                opened.path, opened.dev, opened.ino, Stack.UNKNOWN, f"analysis took longer than {SLOW_TIMEOUT_S:.0f} s"
+            )
         except concurrent.futures.process.BrokenProcessPool as e:
+            pool.shutdown(wait=False, cancel_futures=True)
+            if not self._pool_ok:
+                # the workers never started (e.g. an unguarded __main__ that multiprocessing re-imports):
+                # analyse here from now on
+                log.warning("analysis worker processes unavailable (%s): slow finders run in the daemon", e)
+                with self._cond:
+                    self._pool = None
+                return self.scanner.analyse(opened, heavy=True)[0]
             # the worker died on this file (a finder crashed): report the file, start a fresh pool
             with self._cond:
                 if self._pool is pool and not self._stop:
                     self._pool = _new_pool()
-            pool.shutdown(wait=False, cancel_futures=True)
             v = FileVerdict(key=opened.key, path=opened.path, note="analysis crashed")
             v.uncovered = Uncovered(opened.path, opened.dev, opened.ino, Stack.UNKNOWN, f"analysis crashed: {e}")
         self.scanner.store(opened, v)
@@ -470,7 +483,7 @@ class ExecWatcher:
             roles = self._attach(target)
             self._note("attach", t0, target.path)
             err = "" if roles else "no probe attached (see the daemon log)"
-        except Exception as e:  # the attacher reports; discovery carries on with the other files
+        except Exception as e:  # noqa: BLE001 - the attacher reports; discovery carries on with the other files
             roles, err = [], str(e)
         now = time.monotonic()
         with self._lock:
@@ -492,8 +505,9 @@ class ExecWatcher:
         with self._lock:
             cov = self._st.coverage.get(pid)
             if cov is not None:
-                cov.uncovered[target.key] = Uncovered(target.path, target.dev, target.ino, target.stack,
-                                                      f"attach failed: {err}")
+                cov.uncovered[target.key] = Uncovered(
+                    target.path, target.dev, target.ino, target.stack, f"attach failed: {err}"
+                )
 
     # ---- periodic sweep: lost events, dead pids, replaced files -------------------------------------------
     def _sweep(self) -> None:
@@ -563,7 +577,13 @@ class ExecWatcher:
             "processes_with_tls": len(tls),
             "covered": sorted(f"{c.pid} {c.comm}" for c in tls if c.targets and not c.uncovered),
             "uncovered": [
-                {"pid": c.pid, "comm": c.comm, "exe": c.exe, "container": c.container, "reasons": sorted(u.reason for u in c.uncovered.values())}
+                {
+                    "pid": c.pid,
+                    "comm": c.comm,
+                    "exe": c.exe,
+                    "container": c.container,
+                    "reasons": sorted(u.reason for u in c.uncovered.values()),
+                }
                 for c in tls
                 if c.uncovered
             ],
@@ -582,5 +602,5 @@ def _ns_path_of(pid: int, t: Target) -> str:
     """The path of a target inside the process's namespace ("" for map_files paths)."""
     prefix = f"/proc/{pid}/root"
     if t.path.startswith(prefix + "/"):
-        return t.path[len(prefix):]
+        return t.path[len(prefix) :]
     return "" if t.path.startswith("/proc/") else t.path  # a host path is the same in both namespaces

@@ -119,13 +119,13 @@ def _optional_finders() -> tuple[Finder | None, Finder | None]:
         from llmspyd.discovery import golang
 
         go = golang.go_target
-    except Exception as e:  # a broken optional finder must not take discovery down
+    except Exception as e:  # noqa: BLE001 - a broken optional finder must not take discovery down
         log.debug("Go finder unavailable: %s", e)
     try:
         from llmspyd.discovery import boringssl  # type: ignore[attr-defined]
 
         boring = boringssl.boringssl_target
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - as above
         log.debug("BoringSSL finder unavailable: %s", e)
     return go, boring
 
@@ -136,8 +136,9 @@ class Scanner:
     Thread-safe: the cache is locked; two threads asking for the same new file may both analyse it once.
     """
 
-    def __init__(self, *, go_finder: Finder | None = None, boring_finder: Finder | None = None,
-                 load_optional: bool = True) -> None:
+    def __init__(
+        self, *, go_finder: Finder | None = None, boring_finder: Finder | None = None, load_optional: bool = True
+    ) -> None:
         # finders given by the caller (tests) live in this process only: they cannot run in an isolated one
         self.custom_finders = go_finder is not None or boring_finder is not None or not load_optional
         if load_optional:
@@ -214,8 +215,9 @@ class Scanner:
             self._decide(img, f, v, heavy, executable)
         return v
 
-    def _decide(self, img: ElfImage, f: procmaps.OpenedFile, v: FileVerdict, heavy: bool = True,
-                executable: bool = True) -> None:
+    def _decide(
+        self, img: ElfImage, f: procmaps.OpenedFile, v: FileVerdict, heavy: bool = True, executable: bool = True
+    ) -> None:
         exported = img.lookup(OPENSSL_FUNCS + GNUTLS_FUNCS + BORINGSSL_ONLY, tables=(".dynsym",))
         if _has_rw(exported, "SSL"):
             stack = Stack.BORINGSSL if any(n in exported for n in BORINGSSL_ONLY) else Stack.OPENSSL
@@ -250,8 +252,13 @@ class Scanner:
             return
         if img.contains(OPENSSL_MARK, rodata):
             v.stack = Stack.OPENSSL
-            v.uncovered = Uncovered(f.path, f.dev, f.ino, Stack.OPENSSL,
-                                    "static OpenSSL without SSL_* symbols (stripped): functions not located")
+            v.uncovered = Uncovered(
+                f.path,
+                f.dev,
+                f.ino,
+                Stack.OPENSSL,
+                "static OpenSSL without SSL_* symbols (stripped): functions not located",
+            )
             return
         if img.contains(BORINGSSL_MARK, rodata):
             v.stack = Stack.BORINGSSL
@@ -266,19 +273,23 @@ class Scanner:
         if any(img.contains(m, rodata) for m in RUSTLS_MARKS) and any(img.contains(m, rodata) for m in RUST_MARKS):
             v.stack = Stack.RUSTLS
             v.uncovered = Uncovered(
-                f.path, f.dev, f.ino, Stack.RUSTLS,
+                f.path,
+                f.dev,
+                f.ino,
+                Stack.RUSTLS,
                 "rustls (Rust, statically linked, no TLS symbols): no sound plaintext hook implemented",
             )
 
-    def _delegate(self, finder: Finder | None, what: str, v: FileVerdict, f: procmaps.OpenedFile,
-                  args: tuple[Any, ...]) -> bool:
+    def _delegate(
+        self, finder: Finder | None, what: str, v: FileVerdict, f: procmaps.OpenedFile, args: tuple[Any, ...]
+    ) -> bool:
         """Ask a stack-specific finder; True when it decided (target or uncovered)."""
         if finder is None:
             v.uncovered = Uncovered(f.path, f.dev, f.ino, v.stack, f"{what}: its finder is not installed")
             return True
         try:
             res = finder(*args)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a finder bug on one binary is reported as that binary uncovered
             log.warning("%s finder failed on %s: %s", what, f.path, e)
             v.uncovered = Uncovered(f.path, f.dev, f.ino, v.stack, f"{what}: finder error: {e}")
             return True
@@ -291,8 +302,9 @@ class Scanner:
         return False
 
     # ---- processes ---------------------------------------------------------------------------------------
-    def scan_process(self, pid: int, previous: ProcessCoverage | None = None, *,
-                     heavy: bool = True) -> ProcessCoverage | None:
+    def scan_process(
+        self, pid: int, previous: ProcessCoverage | None = None, *, heavy: bool = True
+    ) -> ProcessCoverage | None:
         """Coverage of a live process from its maps; None when it is gone (or is the daemon itself).
 
         With `previous`, files already considered for this pid are skipped and the result extends it."""

@@ -79,8 +79,12 @@ def discovery(start_capture):
     """(session, log, watcher): a capture whose only attacher is the ExecWatcher, started with no probes."""
     session, log = start_capture(scan=False, poll_ms=20)
     latencies: list[float] = []
-    watcher = ExecWatcher(session.probes.attach, detach=session.probes.detach, scanner=Scanner(),
-                          on_attached=lambda pid, t, roles, dt: latencies.append(dt))
+    watcher = ExecWatcher(
+        session.probes.attach,
+        detach=session.probes.detach,
+        scanner=Scanner(),
+        on_attached=lambda pid, t, roles, dt: latencies.append(dt),
+    )
     session.scanner.close()
     session.scanner = watcher  # the session now hands every exec event to discovery
     watcher.scan_all()  # as the daemon does at start
@@ -108,8 +112,12 @@ def _reads(log, pid: int) -> bytes:
 
 
 def _curl(url: str, env: dict[str, str], prefix: list[str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([*(prefix or []), "curl", "-sS", "--http1.1", "-o", "/dev/null", url], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [*(prefix or []), "curl", "-sS", "--http1.1", "-o", "/dev/null", url],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _finish(p: subprocess.Popen) -> bytes:
@@ -119,7 +127,7 @@ def _finish(p: subprocess.Popen) -> bytes:
 
 
 def test_new_client_after_start_is_captured(discovery, tls_server, tls_env):
-    session, log, watcher = discovery
+    _, log, watcher = discovery
     p = _curl(f"{tls_server.url}/bytes/3000", tls_env)
     _finish(p)
     assert log.wait_for(lambda: b"GET /bytes/3000 HTTP/1.1" in _writes(log, p.pid))
@@ -136,8 +144,13 @@ def test_client_running_before_start_is_captured(start_capture, tls_server, tls_
         c.request("GET", "/bytes/1234")
         print(len(c.getresponse().read()), flush=True)
     """
-    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=tls_env, stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=tls_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout.readline().strip() == "ready"
         session, log = start_capture(scan=False, poll_ms=20)  # a fresh capture: nothing attached yet
@@ -164,7 +177,7 @@ def static_client(tmp_path_factory) -> str:
     return bins.cc_build(d, "tlsclient", C_CLIENT, bins.static_openssl_libs())
 
 
-FRESH_COPIES = 3
+FRESH_COPIES = 5
 
 
 def test_fresh_binary_first_write_50ms_after_exec(discovery, tls_server, tls_env, static_client, tmp_path):
@@ -174,20 +187,26 @@ def test_fresh_binary_first_write_50ms_after_exec(discovery, tls_server, tls_env
     first write depends on the machine: a uprobe's first registration on a new file waits for an RCU grace
     period (the kernel's dup_mmap_sem), tens of ms idle and 100+ ms on a loaded 2-core VM (bench/discovery.py
     prints the figures). So at least one of the copies must be captured whole, first request included."""
-    session, log, watcher = discovery
+    _, log, watcher = discovery
     delay_ms = 50
     captured, notes = 0, []
     for i in range(FRESH_COPIES):
         exe = tmp_path / f"client{i}"
         shutil.copy(static_client, exe)
         key = _ino(str(exe))
-        p = subprocess.Popen([str(exe), str(tls_server.port), str(delay_ms), str(1000 + i)], env=tls_env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [str(exe), str(tls_server.port), str(delay_ms), str(1000 + i)],
+            env=tls_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         write_ms, total = _finish(p).split()
         assert float(write_ms) >= delay_ms and int(total) > 1000 + i
-        assert log.wait_for(lambda: key in watcher.attached(), 5), f"copy {i}: the new executable was not probed"
-        whole = log.wait_for(lambda: f"GET /bytes/{1000 + i} HTTP/1.1".encode() in _writes(log, p.pid)
-                             and len(_reads(log, p.pid)) == int(total), 3)
+        assert log.wait_for(lambda k=key: k in watcher.attached(), 5), f"copy {i}: the new executable was not probed"
+        request = f"GET /bytes/{1000 + i} HTTP/1.1".encode()
+        whole = log.wait_for(
+            lambda pid=p.pid, n=int(total), r=request: r in _writes(log, pid) and len(_reads(log, pid)) == n, 3
+        )
         ev = next(e for e in log.events(ProcessExec, p.pid))
         attached_ms = (watcher.attached()[key].attached_at * 1e9 - ev.ts_ns) / 1e6
         notes.append(f"copy {i}: write at {write_ms} ms, probes at {attached_ms:.0f} ms, captured={whole}")
@@ -200,11 +219,13 @@ def test_fresh_node_copy_fetch_soon_after_exec(discovery, tls_server, tls_env, t
     node = shutil.which("node")
     if node is None:
         pytest.skip("node not installed")
-    session, log, watcher = discovery
+    _, log, watcher = discovery
     copy = tmp_path / "node"
     shutil.copy(node, copy)
-    js = f"setTimeout(async () => {{ const r = await fetch('{tls_server.url}/bytes/777'); " \
-         "console.log((await r.arrayBuffer()).byteLength); }, 50)"
+    js = (
+        f"setTimeout(async () => {{ const r = await fetch('{tls_server.url}/bytes/777'); "
+        "console.log((await r.arrayBuffer()).byteLength); }, 50)"
+    )
     p = subprocess.Popen([str(copy), "-e", js], env=tls_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert _finish(p).strip() == b"777"
     assert _ino(str(copy)) in watcher.attached()
@@ -221,7 +242,7 @@ def _cgroup_dir() -> Path | None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and cgroups need root")
 def test_other_mount_namespace_with_own_libssl_captured_and_attributed(discovery, tls_server, tls_env, tmp_path):
     """unshare -m, its own libssl copy bind-mounted over the system one, in a docker-like cgroup."""
-    session, log, watcher = discovery
+    _, log, watcher = discovery
     root = _cgroup_dir()
     if root is None:
         pytest.skip("no cgroup2 hierarchy mounted")
@@ -239,11 +260,18 @@ def test_other_mount_namespace_with_own_libssl_captured_and_attributed(discovery
         print(len(c.getresponse().read()), flush=True)
         sys.stdin.readline()
     """
-    script = (f"echo $$ > {cg}/cgroup.procs && mount --bind {copy} {LIBSSL} && "
-              f"exec {sys.executable} -c '{textwrap.dedent(client)}'")
+    script = (
+        f"echo $$ > {cg}/cgroup.procs && mount --bind {copy} {LIBSSL} && "
+        f"exec {sys.executable} -c '{textwrap.dedent(client)}'"
+    )
     t0 = time.monotonic_ns()
-    p = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=tls_env,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        env=tls_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         pid = p.pid  # unshare and sh exec in place: the same pid ends as python
         # correctness here, not timing (see the 50 ms test): the request waits until the copy is probed
@@ -260,8 +288,7 @@ def test_other_mount_namespace_with_own_libssl_captured_and_attributed(discovery
         # the kernel's attribution on every record: the cgroup id is the cgroup directory's inode
         assert {c.cgroup_id for c in log.chunks(pid)} == {os.stat(cg).st_ino}
         # the exec event of the client itself (after unshare and sh) reached discovery
-        assert any(e.pid == pid and e.filename == sys.executable and e.ts_ns >= t0
-                   for e in log.events(ProcessExec))
+        assert any(e.pid == pid and e.filename == sys.executable and e.ts_ns >= t0 for e in log.events(ProcessExec))
     finally:
         p.kill()
         p.wait()
@@ -283,8 +310,13 @@ print(len(c.getresponse().read()))
 
 def _py_get(watcher, key, port: int, path: str, env: dict[str, str]) -> tuple[int, bytes]:
     """A Python client that sends its request once `key` is probed (correctness, not timing); its output."""
-    p = subprocess.Popen([sys.executable, "-c", PY_GET, str(port), path], env=env, stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", PY_GET, str(port), path],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     end = time.monotonic() + 10
     while key not in watcher.attached() and time.monotonic() < end and p.poll() is None:
         time.sleep(0.01)
@@ -295,7 +327,7 @@ def _py_get(watcher, key, port: int, path: str, env: dict[str, str]) -> tuple[in
 
 def test_deleted_and_replaced_library_is_probed_again(discovery, tls_server, tls_env, tmp_path):
     """A private libssl (LD_LIBRARY_PATH) is probed; deleted and replaced (new inode), the new file is probed."""
-    session, log, watcher = discovery
+    _, log, watcher = discovery
     libdir = tmp_path / "lib"
     libdir.mkdir()
     lib = libdir / "libssl.so.3"

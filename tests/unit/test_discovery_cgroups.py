@@ -21,8 +21,10 @@ ID = "3f4e8a1b2c9d0e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f"
         (f"/machine.slice/libpod-{ID}.scope/container", f"podman:{ID[:12]}"),
         (f"/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope", f"podman:{ID[:12]}"),
         (f"/machine.slice/libpod-conmon-{ID}.scope", "unit:libpod-conmon-" + ID + ".scope"),
-        (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-{ID}.scope",
-         f"containerd:{ID[:12]}"),
+        (
+            f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-{ID}.scope",
+            f"containerd:{ID[:12]}",
+        ),
         (f"/kubepods/besteffort/pod0c7f/{ID}", f"containerd:{ID[:12]}"),
         (f"/kubepods.slice/kubepods-pod1.slice/crio-{ID}.scope", f"cri-o:{ID[:12]}"),
         ("/machine.slice/systemd-nspawn@deb12.service/payload", "nspawn:deb12"),

@@ -141,9 +141,8 @@ def test_not_elf(tmp_path: Path) -> None:
         open_elf(str(script))
     trunc = tmp_path / "t"
     trunc.write_bytes(Path(LIBSSL).read_bytes()[:100] if os.path.exists(LIBSSL) else b"\x7fELF" + b"\0" * 96)
-    with pytest.raises(NotElf):
-        with open_elf(str(trunc)) as img:
-            img.lookup(["SSL_write"])
+    with pytest.raises(NotElf), open_elf(str(trunc)) as img:
+        img.lookup(["SSL_write"])
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +157,9 @@ def go_binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for name, flags in (("plain", []), ("stripped", ["-ldflags=-s -w"])):
         subprocess.run(["go", "build", *flags, "-o", str(d / name), "."], cwd=d, env=env, check=True)
         out[name] = str(d / name)
-    out["version"] = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()
+    out["version"] = subprocess.run(
+        ["go", "env", "GOVERSION"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     return out
 
 

@@ -41,7 +41,7 @@ class Recorder:
             self.targets.append(t)
         return sorted(t.offsets)
 
-    def keys(self) -> set[tuple[int, int]]:
+    def attached_keys(self) -> set[tuple[int, int]]:
         with self.lock:
             return {t.key for t in self.targets}
 
@@ -78,9 +78,9 @@ def test_libssl_probed_before_the_loader_maps_it(watcher: ExecWatcher, rec: Reco
     pid = start_stopped([CURL, "--version"])  # the state at the exec event: exe + ld.so only
     try:
         watcher.on_event(ProcessExec(ts_ns=0, pid=pid, ppid=os.getpid(), uid=0, comm="curl", filename=CURL))
-        assert wait_for(lambda: key_of(LIBSSL) in rec.keys())
+        assert wait_for(lambda: key_of(LIBSSL) in rec.attached_keys())
         assert watcher.counters["predicted"] >= 1
-        assert not any("libssl" in line for line in open(f"/proc/{pid}/maps"))  # still not mapped
+        assert not any("libssl" in m.path for m in procmaps.read_maps(pid))  # still not mapped
         cov = watcher.coverage()[pid]
         assert Stack.OPENSSL in cov.stacks
         # let it run: the loader maps libssl, the rescans find the same inode and attach nothing twice
@@ -96,13 +96,15 @@ def test_libssl_probed_before_the_loader_maps_it(watcher: ExecWatcher, rec: Reco
 def test_dlopen_after_exec_caught_by_rescan(watcher: ExecWatcher, rec: Recorder, tmp_path: Path) -> None:
     lib = tmp_path / "libcustomtls.so"  # a TLS library nobody could predict: only the rescans can find it
     shutil.copy(LIBSSL, lib)
-    code = ("import ctypes, sys, time; time.sleep(0.15); ctypes.CDLL(sys.argv[1]); print('ready', flush=True); "
-            "time.sleep(30)")
+    code = (
+        "import ctypes, sys, time; time.sleep(0.15); ctypes.CDLL(sys.argv[1]); print('ready', flush=True); "
+        "time.sleep(30)"
+    )
     p = subprocess.Popen([sys.executable, "-c", code, str(lib)], stdout=subprocess.PIPE)
     try:
         watcher.on_exec(p.pid)
         assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
-        assert wait_for(lambda: key_of(str(lib)) in rec.keys())
+        assert wait_for(lambda: key_of(str(lib)) in rec.attached_keys())
     finally:
         p.kill()
         p.wait()
@@ -113,7 +115,7 @@ def test_python_libssl_predicted_before_import_ssl(watcher: ExecWatcher, rec: Re
     pid = start_stopped([sys.executable, "-c", "import ssl"])
     try:
         watcher.on_exec(pid)
-        assert wait_for(lambda: key_of(LIBSSL) in rec.keys())
+        assert wait_for(lambda: key_of(LIBSSL) in rec.attached_keys())
         assert watcher.counters["predicted"] >= 1
     finally:
         kill(pid)
@@ -126,7 +128,7 @@ def test_scan_all_covers_running_processes_once(watcher: ExecWatcher, rec: Recor
         for p in procs:
             assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
         n = watcher.scan_all()
-        assert n >= 1 and key_of(LIBSSL) in rec.keys()
+        assert n >= 1 and key_of(LIBSSL) in rec.attached_keys()
         assert [t.key for t in rec.targets].count(key_of(LIBSSL)) == 1  # per file, not per process
         cov = watcher.coverage()
         for p in procs:
@@ -148,8 +150,9 @@ def test_scope_filter(rec: Recorder) -> None:
         return False
 
     w = ExecWatcher(rec, scanner=Scanner(load_optional=False), scope=scope, rescan_delays=FAST, sweep_interval_s=3600)
-    p = subprocess.Popen([sys.executable, "-c", "import ssl, time; print('r', flush=True); time.sleep(30)"],
-                         stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import ssl, time; print('r', flush=True); time.sleep(30)"], stdout=subprocess.PIPE
+    )
     try:
         assert p.stdout is not None and p.stdout.readline()
         w.scan_pid(p.pid)
@@ -164,8 +167,9 @@ def test_scope_filter(rec: Recorder) -> None:
 def test_attach_failure_is_reported_and_bounded(tmp_path: Path) -> None:
     rec = Recorder(fail=lambda t: True)
     w = ExecWatcher(rec, scanner=Scanner(load_optional=False), rescan_delays=(), sweep_interval_s=3600)
-    p = subprocess.Popen([sys.executable, "-c", "import ssl, time; print('r', flush=True); time.sleep(30)"],
-                         stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import ssl, time; print('r', flush=True); time.sleep(30)"], stdout=subprocess.PIPE
+    )
     try:
         assert p.stdout is not None and p.stdout.readline()
         for _ in range(5):
@@ -193,14 +197,14 @@ def test_replaced_library_is_probed_again(watcher: ExecWatcher, rec: Recorder, t
         assert p.stdout is not None and p.stdout.readline()
         watcher.scan_pid(p.pid)
         old = key_of(str(lib))
-        assert old in rec.keys()
+        assert old in rec.attached_keys()
         # an upgrade: new file renamed over the old path; the running process still maps the old (deleted) inode
         new = tmp_path / "new"
         shutil.copy(LIBSSL, new)
         os.rename(new, lib)
         assert key_of(str(lib)) != old
         assert watcher.check_replaced() == 1
-        assert key_of(str(lib)) in rec.keys() and watcher.counters["replaced"] == 1
+        assert key_of(str(lib)) in rec.attached_keys() and watcher.counters["replaced"] == 1
         assert watcher.check_replaced() == 0
     finally:
         p.kill()
@@ -227,12 +231,13 @@ def test_uncovered_process_named_with_reason(tmp_path: Path, rec: Recorder) -> N
 
 def test_sweep_drops_dead_pids_and_finds_missed_processes(rec: Recorder) -> None:
     w = ExecWatcher(rec, scanner=Scanner(load_optional=False), rescan_delays=(), sweep_interval_s=0.05)
-    p = subprocess.Popen([sys.executable, "-c", "import ssl, time; print('r', flush=True); time.sleep(30)"],
-                         stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import ssl, time; print('r', flush=True); time.sleep(30)"], stdout=subprocess.PIPE
+    )
     try:
         assert p.stdout is not None and p.stdout.readline()
         w.start()  # no exec event at all (as if its record was lost): the sweep finds it
-        assert wait_for(lambda: p.pid in w.coverage() and key_of(LIBSSL) in rec.keys())
+        assert wait_for(lambda: p.pid in w.coverage() and key_of(LIBSSL) in rec.attached_keys())
         p.kill()
         p.wait()
         assert wait_for(lambda: p.pid not in w.coverage())
@@ -242,8 +247,10 @@ def test_sweep_drops_dead_pids_and_finds_missed_processes(rec: Recorder) -> None
 
 def test_slow_analysis_never_delays_exec_work(tmp_path: Path, rec: Recorder) -> None:
     """A stripped-BoringSSL candidate takes its finder seconds: meanwhile a new process is still probed at once."""
-    src = ('#include <stdio.h>\n#include <unistd.h>\nconst char *f = "../../ssl/ssl_lib.cc";\n'
-           'int main(void){puts(f);fflush(stdout);for(;;)pause();}\n')
+    src = (
+        '#include <stdio.h>\n#include <unistd.h>\nconst char *f = "../../ssl/ssl_lib.cc";\n'
+        "int main(void){puts(f);fflush(stdout);for(;;)pause();}\n"
+    )
     slow_bin = bins.cc_build(tmp_path, "boring-like", src, [])
     release = threading.Event()
 
@@ -251,8 +258,9 @@ def test_slow_analysis_never_delays_exec_work(tmp_path: Path, rec: Recorder) -> 
         release.wait(10)
         return Target(path, dev, ino, Stack.BORINGSSL, {"SSL_write": [0x1000]}, how="fingerprint")
 
-    w = ExecWatcher(rec, scanner=Scanner(boring_finder=slow_finder, load_optional=False), rescan_delays=FAST,
-                    sweep_interval_s=3600)
+    w = ExecWatcher(
+        rec, scanner=Scanner(boring_finder=slow_finder, load_optional=False), rescan_delays=FAST, sweep_interval_s=3600
+    )
     slow = subprocess.Popen([slow_bin], stdout=subprocess.PIPE)
     lib = tmp_path / "libother.so"
     shutil.copy(LIBSSL, lib)
@@ -265,10 +273,10 @@ def test_slow_analysis_never_delays_exec_work(tmp_path: Path, rec: Recorder) -> 
         fast = subprocess.Popen([sys.executable, "-c", code, str(lib)], stdout=subprocess.PIPE)
         assert fast.stdout is not None and fast.stdout.readline()
         w.on_exec(fast.pid)
-        assert wait_for(lambda: key_of(str(lib)) in rec.keys(), 3)
-        assert key_of(slow_bin) not in rec.keys() and not w.idle()
+        assert wait_for(lambda: key_of(str(lib)) in rec.attached_keys(), 3)
+        assert key_of(slow_bin) not in rec.attached_keys() and not w.idle()
         release.set()
-        assert wait_for(lambda: key_of(slow_bin) in rec.keys(), 5)
+        assert wait_for(lambda: key_of(slow_bin) in rec.attached_keys(), 5)
         assert wait_for(lambda: key_of(slow_bin) in w.coverage()[slow.pid].targets)
     finally:
         release.set()
@@ -295,7 +303,7 @@ def test_go_binary_analysed_in_isolated_worker_process(tmp_path: Path, rec: Reco
     try:
         w.on_exec(p.pid)
         assert w._pool is not None  # isolated: default finders
-        assert wait_for(lambda: key_of(go_bin) in rec.keys(), 60)
+        assert wait_for(lambda: key_of(go_bin) in rec.attached_keys(), 60)
         t = next(t for t in rec.targets if t.key == key_of(go_bin))
         assert t.stack == Stack.GOTLS and "go_read_ret" in t.offsets and t.how.startswith("symtab")
         assert key_of(go_bin) in w.coverage()[p.pid].targets

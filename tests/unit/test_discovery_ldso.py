@@ -25,7 +25,7 @@ def test_ld_cache_matches_ldconfig() -> None:
     with open(ldso.LD_CACHE, "rb") as f:
         cache = ldso.parse_ld_cache(f.read())
     out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
-    pairs = re.findall(r"^\s+(\S+) \(([^)]*)\) => (\S+)$", out, re.M)
+    pairs = re.findall(r"^\s+(\S+) \(([^)]*)\) => (\S+)$", out, re.MULTILINE)
     assert pairs and len(cache) > 10
     for name, _, path in pairs:
         assert path in cache[name], name
@@ -62,7 +62,7 @@ def test_closure_at_exec_matches_what_the_loader_maps() -> None:
     finally:
         kill(pid)
     ldd = subprocess.run(["ldd", CURL], capture_output=True, text=True, check=True).stdout
-    loaded = dict(re.findall(r"^\s+(\S+) => (\S+) \(0x", ldd, re.M))
+    loaded = dict(re.findall(r"^\s+(\S+) => (\S+) \(0x", ldd, re.MULTILINE))
     assert "libssl.so.3" in predicted
     for name, path in loaded.items():
         st = os.stat(path)

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,7 +127,7 @@ def test_other_mount_namespace_resolves_to_its_own_copy(tmp_path: Path) -> None:
     shutil.copy(LIBSSL, copy)
     copy_st = os.stat(copy)
     host_st = os.stat(LIBSSL)
-    script = f"mount --bind {copy} {LIBSSL} && exec {sys.executable} -c \"{LOAD_AND_WAIT}\" {LIBSSL}"
+    script = f'mount --bind {copy} {LIBSSL} && exec {sys.executable} -c "{LOAD_AND_WAIT}" {LIBSSL}'
     p = _start(["unshare", "-m", "--propagation", "private", "sh", "-c", script])
     try:
         lib = next(f for f in procmaps.executable_files(p.pid) if f.path.endswith("libssl.so.3"))
@@ -159,10 +158,15 @@ def test_overlayfs_library_keyed_as_maps_and_uprobes_see_it(tmp_path: Path) -> N
     shutil.copy(LIBSSL, lower / "libssl.so.3")
     real = os.stat(lower / "libssl.so.3")
     lib = merged / "libssl.so.3"
-    script = (f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work} {merged} && "
-              f"exec {sys.executable} -c \"{LOAD_AND_WAIT}\" {lib}")
-    p = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    script = (
+        f"mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work} {merged} && "
+        f'exec {sys.executable} -c "{LOAD_AND_WAIT}" {lib}'
+    )
+    p = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert p.stdout is not None
         if p.stdout.readline().strip() != b"ready":

@@ -77,7 +77,9 @@ def test_node_exports_static_openssl() -> None:
     f = opened(NODE)
     v, _ = Scanner().analyse(f)
     assert v.stack == Stack.OPENSSL and v.target is not None and v.target.how == "dynsym"
-    assert v.target.offsets == expected_offsets(NODE, ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex", "SSL_free"))
+    assert v.target.offsets == expected_offsets(
+        NODE, ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex", "SSL_free")
+    )
 
 
 def test_plain_system_binaries_have_no_tls() -> None:
@@ -197,8 +199,9 @@ def test_finder_exception_is_reported_not_raised(built: dict[str, str]) -> None:
 def test_scan_process_live_python_with_ssl() -> None:
     if not os.path.exists(LIBSSL):
         pytest.skip("no libssl")
-    p = subprocess.Popen([sys.executable, "-c", "import ssl, time; print('ready', flush=True); time.sleep(60)"],
-                         stdout=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import ssl, time; print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE
+    )
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
         s = Scanner()
