@@ -88,6 +88,7 @@ class _State:
     skipped: set[int] = field(default_factory=set)  # out of scope
     in_scope: set[int] = field(default_factory=set)  # decided in scope (until its next exec)
     attached: dict[tuple[int, int], Attached] = field(default_factory=dict)
+    attaching: set[tuple[int, int]] = field(default_factory=set)  # attach calls in flight
     failed: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # key -> (tries, error)
     exec_ts: dict[int, float] = field(default_factory=dict)  # pid -> monotonic time of its exec event
 
@@ -472,12 +473,13 @@ class ExecWatcher:
     def _ensure(self, pid: int, target: Target, ns_path: str) -> bool:
         """Attach `target` unless it is already; True when attached by this call."""
         with self._lock:
-            if target.key in self._st.attached:
-                return False
+            if target.key in self._st.attached or target.key in self._st.attaching:
+                return False  # done, or being done by another thread (start-up scan vs exec worker)
             tries, last = self._st.failed.get(target.key, (0, ""))
             if tries >= MAX_ATTACH_TRIES:
                 self._mark_failed(pid, target, last)
                 return False
+            self._st.attaching.add(target.key)
         try:
             t0 = time.perf_counter()
             roles = self._attach(target)
@@ -487,6 +489,7 @@ class ExecWatcher:
             roles, err = [], str(e)
         now = time.monotonic()
         with self._lock:
+            self._st.attaching.discard(target.key)
             if not roles:
                 self.counters["attach_failed"] += 1
                 self._st.failed[target.key] = (tries + 1, err)

@@ -314,3 +314,28 @@ def test_go_binary_analysed_in_isolated_worker_process(tmp_path: Path, rec: Reco
         p.kill()
         p.wait()
         srv.close()
+
+
+def test_concurrent_ensure_attaches_once(rec: Recorder) -> None:
+    """The start-up scan (caller's thread) and the exec worker may meet on one file: one attach call, one record."""
+    gate = threading.Event()
+    calls = []
+
+    def slow_attach(t: Target) -> list[str]:
+        calls.append(t.key)
+        gate.wait(5)
+        return ["SSL_write"]
+
+    w = ExecWatcher(slow_attach, scanner=Scanner(load_optional=False), rescan_delays=(), sweep_interval_s=3600)
+    t = Target(LIBSSL, 1, 2, Stack.OPENSSL, {"SSL_write": [1]}, how="test")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(w._ensure(os.getpid(), t, LIBSSL))) for _ in range(4)]
+    for th in threads:
+        th.start()
+    time.sleep(0.2)
+    gate.set()
+    for th in threads:
+        th.join()
+    w.close()
+    assert calls == [(1, 2)] and sorted(results) == [False, False, False, True]
+    assert w.counters["attached"] == 1 and list(w.attached()) == [(1, 2)]
