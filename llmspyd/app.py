@@ -428,6 +428,9 @@ class Daemon:
             if new.trace != old.trace:
                 self.scope = Scope.from_settings(new.trace)
                 self._apply_scope()
+                cap = self.capture
+                if cap is not None and hasattr(cap.discovery, "reset_scope"):
+                    cap.discovery.reset_scope()  # it cached per-pid answers of the old scope
             self.reloads["ok"] += 1
             self.last_reload_error = ""
             log.info("configuration reloaded", sources=new.sources)

@@ -81,6 +81,9 @@ class FakeDiscovery:
         if isinstance(ev, ProcessExec):
             self.execs.append(ev.pid)
 
+    def reset_scope(self) -> None:
+        self.log.events.append("reset_scope")
+
     def close(self) -> None:
         pass
 
@@ -267,6 +270,10 @@ def test_reload_bad_config_refused_old_keeps_running(tmp_path: Path) -> None:
         wait_for(lambda: d.counters.exchanges == 2)
         assert "ex-20" in out2.read_text() and "ex-20" not in m["out"].read_text()
         assert log.events.count("RELOADING=1") == 2
+        assert "reset_scope" not in log.events  # [trace] did not change
+        bad.write_text("[trace]\nexclude_pids = [424242]\n")
+        assert d.reload() is True and "reset_scope" in log.events
+        assert d.scope.excluded == frozenset({424242})
     finally:
         d.shutdown()
 
