@@ -92,7 +92,8 @@ struct {
 	__type(value, __u64);
 } offsets SEC(".maps");
 
-/* arguments of a TLS call in flight, saved at entry, keyed by thread id */
+/* arguments of a TLS call in flight, saved at entry, keyed by thread id;
+ * conn 0 marks a free slot (the thread is not inside a call) */
 struct llmspy_call {
 	__u64 conn;
 	__u64 buf;
@@ -419,17 +420,23 @@ static __always_inline bool llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 static __always_inline void llmspy_call_enter(__u64 conn, __u64 buf, __u64 out_len, __u8 dir, __u8 stack)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct llmspy_call call = {
-		.conn = conn,
-		.buf = buf,
-		.out_len = out_len,
-		.dir = dir,
-		.stack = stack,
-	};
+	struct llmspy_call *call;
 
 	if (!llmspy_should_trace() || llmspy_is_muted(conn))
 		return;
-	bpf_map_update_elem(&calls, &tid, &call, BPF_ANY);
+	/* a thread's slot is reused in place: an LRU map update per call costs more than the rest */
+	call = bpf_map_lookup_elem(&calls, &tid);
+	if (call) {
+		call->conn = conn;
+		call->buf = buf;
+		call->out_len = out_len;
+		call->dir = dir;
+		call->stack = stack;
+	} else {
+		struct llmspy_call c = { .conn = conn, .buf = buf, .out_len = out_len, .dir = dir, .stack = stack };
+
+		bpf_map_update_elem(&calls, &tid, &c, BPF_ANY);
+	}
 }
 
 /*
@@ -440,18 +447,20 @@ static __always_inline void llmspy_call_enter(__u64 conn, __u64 buf, __u64 out_l
 static __always_inline void llmspy_call_return(long ret)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct llmspy_call *call;
+	struct llmspy_call *call, c;
 	__u64 len = 0;
 
 	call = bpf_map_lookup_elem(&calls, &tid);
-	if (!call) {
+	if (!call || !call->conn) {
 		/* filtered at entry, or attached between entry and return */
 		return;
 	}
-	if (call->out_len) {
+	c = *call;
+	call->conn = 0; /* consumed: the slot stays for the thread's next call */
+	if (c.out_len) {
 		if (ret != 1) {
 			len = 0;
-		} else if (bpf_probe_read_user(&len, sizeof(len), (const void *)call->out_len)) {
+		} else if (bpf_probe_read_user(&len, sizeof(len), (const void *)c.out_len)) {
 			/* the byte count itself is unreadable: nothing to emit, but not silently */
 			stat_add(LLMSPY_STAT_FAULT_RECORDS, 1);
 			len = 0;
@@ -459,13 +468,11 @@ static __always_inline void llmspy_call_return(long ret)
 	} else if (ret > 0) {
 		len = ret;
 	}
-	if (len && !llmspy_emit(call->conn, call->buf, len, call->dir, call->stack) &&
-	    call->dir == LLMSPY_DIR_WRITE) {
-		struct llmspy_pending_sock p = { .conn = call->conn, .ts_ns = bpf_ktime_get_ns() };
+	if (len && !llmspy_emit(c.conn, c.buf, len, c.dir, c.stack) && c.dir == LLMSPY_DIR_WRITE) {
+		struct llmspy_pending_sock p = { .conn = c.conn, .ts_ns = bpf_ktime_get_ns() };
 
 		bpf_map_update_elem(&pending_socks, &tid, &p, BPF_ANY);
 	}
-	bpf_map_delete_elem(&calls, &tid);
 }
 
 /* the TLS object is being freed: end its streams, if we ever saw them */

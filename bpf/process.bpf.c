@@ -75,6 +75,8 @@ int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 		return 0;
 	tid = (__u32)bpf_get_current_pid_tgid();
 	call = bpf_map_lookup_elem(&calls, &tid);
+	if (call && !call->conn)
+		call = NULL; /* a free slot: the thread is not inside a TLS call */
 	if (call) {
 		k.conn = call->conn;
 	} else {
