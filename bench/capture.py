@@ -327,6 +327,7 @@ def run_latency(tmp: Path, port: int, ca: Path, server_pid: int) -> None:
     prog_ns: dict[str, list[float]] = {}  # variant -> BPF program ns per client call, per round
     variants = ("no probe", "empty probe (floor)", "llmspyd, batching reader", "llmspyd, reader woken per record")
     best = dict.fromkeys(variants, float("inf"))
+    best_any = dict.fromkeys(variants, float("inf"))  # fallback when every round of a variant was disturbed
     captured = dict.fromkeys(variants, 0)
     lost = dict.fromkeys(variants, 0)
     discarded = 0
@@ -349,6 +350,7 @@ def run_latency(tmp: Path, port: int, ca: Path, server_pid: int) -> None:
                 clean = not foreign_uprobes(private_lib)
                 before = prog_run_time(progs)
                 us = latency_once(port, ca)
+                best_any[v] = min(best_any[v], us)
                 after = prog_run_time(progs)
                 # uprobe programs: only the client calls the private copy (LATENCY_CALLS + 200 warm-up calls);
                 # sys_enter_io runs for every syscall on the machine: count its mean run once per call (the
@@ -377,6 +379,11 @@ def run_latency(tmp: Path, port: int, ca: Path, server_pid: int) -> None:
         os.close(stats_fd)
     if discarded:
         print(f"({discarded} measurements discarded: foreign uprobes on the private libssl)")
+    disturbed = [v for v in variants if best[v] == float("inf")]
+    if disturbed:
+        print(f"WARNING: no undisturbed round for {', '.join(disturbed)}: their figures include foreign uprobes")
+        for v in disturbed:
+            best[v] = best_any[v]
     none, floor = best["no probe"], best["empty probe (floor)"]
     print(f"{'no probe:':36}{none:7.2f} us CPU/call")
     print(f"{'empty probe (floor):':36}{floor:7.2f} us CPU/call = {floor / none:.2f}x no probe")
