@@ -145,6 +145,7 @@ class ExecWatcher:
             "predicted": 0,
             "replaced": 0,
             "out_of_scope": 0,
+            "detached": 0,
             "exec_work_ms": 0.0,
             "exec_work_max_ms": 0.0,
         }
@@ -524,6 +525,40 @@ class ExecWatcher:
         self.check_replaced()
         for pid in live:
             self._scan(pid, predict=False)
+        self.drop_stale()
+
+    def drop_stale(self) -> int:
+        """Detach probes of files that are gone (deleted or replaced at their path) and that no process maps any
+        more: a uprobe pins its inode, so a long-running daemon would otherwise keep every upgraded library's
+        old file alive. Returns how many were detached."""
+        if self._detach is None:
+            return 0
+        with self._lock:
+            atts = list(self._st.attached.items())
+            used = {k for c in self._st.coverage.values() for k in (*c.targets, *c.seen)}
+        n = 0
+        for key, att in atts:
+            if key in used or not att.ns_path:
+                continue
+            if att.target.path.startswith("/proc/"):
+                if not os.path.exists(f"/proc/{att.pid}"):
+                    continue  # the namespace that named it is gone: cannot tell whether the file is
+                now = procmaps.open_in_root(att.pid, att.ns_path)
+            else:
+                now = procmaps.open_in_root(os.getpid(), att.ns_path)
+            if now is not None and now.key == key:
+                continue  # still there: keep it probed for the next process
+            try:
+                self._detach(key)
+            except Exception as e:  # noqa: BLE001 - a failed detach leaves the probe; try again next sweep
+                log.warning("detaching %s failed: %s", att.ns_path, e)
+                continue
+            with self._lock:
+                self._st.attached.pop(key, None)
+            self.counters["detached"] += 1
+            log.info("detached %s: the probed file is gone and no process maps it", att.ns_path)
+            n += 1
+        return n
 
     def check_replaced(self) -> int:
         """Probe files that replaced a probed file at the same path (new inode); returns how many."""

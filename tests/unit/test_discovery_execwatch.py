@@ -339,3 +339,32 @@ def test_concurrent_ensure_attaches_once(rec: Recorder) -> None:
     w.close()
     assert calls == [(1, 2)] and sorted(results) == [False, False, False, True]
     assert w.counters["attached"] == 1 and list(w.attached()) == [(1, 2)]
+
+
+def test_gone_file_detached_once_unused(tmp_path: Path, rec: Recorder) -> None:
+    lib = tmp_path / "libssl.so.3"
+    shutil.copy(LIBSSL, lib)
+    detached = []
+    w = ExecWatcher(
+        rec,
+        scanner=Scanner(load_optional=False),
+        detach=lambda k: detached.append(k) or True,
+        rescan_delays=(),
+        sweep_interval_s=3600,
+    )
+    code = "import ctypes, sys, time; ctypes.CDLL(sys.argv[1]); print('r', flush=True); time.sleep(30)"
+    p = subprocess.Popen([sys.executable, "-c", code, str(lib)], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdout.readline()
+        w.scan_pid(p.pid)
+        old = key_of(str(lib))
+        assert old in w.attached()
+        assert w.drop_stale() == 0  # present and mapped
+        os.unlink(lib)
+        assert w.drop_stale() == 0  # gone, but a live process still maps it
+    finally:
+        p.kill()
+        p.wait()
+    w._sweep()  # forgets the dead process, then drops the probe of the gone file
+    assert detached == [old] and old not in w.attached() and w.counters["detached"] == 1
+    w.close()
