@@ -432,3 +432,90 @@ def test_codex_is_recognised_and_reported_not_covered(agents, certs, key, tmp_pa
         )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Hello from gpt-5-codex!" in p.stdout
+
+
+# ---------------------------------------------------------------------------
+# the daemon as a user runs it: a claude started after the daemon is covered from its first request
+
+
+@pytest.mark.parametrize("key", CLAUDES[-1:])
+def test_daemon_covers_a_new_claude_from_its_first_request(agents, certs, key, tmp_path) -> None:
+    """`llmspyd` running, then `claude -p`: the daemon attaches at exec (cached analysis) and records the exchange.
+
+    The cache is warmed first, as after any earlier run of this claude: the very first analysis of a new binary
+    can finish after the first request (see README, "Which agents are covered").
+    """
+    from tests.fakeprovider import start_subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to load BPF programs")
+    cache = tmp_path / "cache"
+    exe = agents[key].exe
+    st = os.stat(exe)
+    os.environ[boringssl.CACHE_ENV] = str(cache)
+    try:
+        assert boringssl.boringssl_target(str(exe), st.st_dev, st.st_ino) is not None
+    finally:
+        del os.environ[boringssl.CACHE_ENV]
+    out, log = tmp_path / "exchanges.jsonl", tmp_path / "daemon.log"
+    root = Path(__file__).resolve().parents[2]
+    fp_proc, url = start_subprocess(certs.cert, certs.key)
+    with open(log, "wb") as logf:
+        daemon = subprocess.Popen(
+            [str(root / ".venv/bin/llmspyd"), "--no-config", "--output", f"jsonl:{out}"],
+            env=dict(os.environ, **{boringssl.CACHE_ENV: str(cache)}),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"probes attached" not in log.read_bytes():  # the startup scan is done
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        prompt = f"first request of a new claude {key}"
+        env = dict(
+            os.environ,
+            HOME=str(tmp_path),
+            ANTHROPIC_BASE_URL=url,
+            ANTHROPIC_API_KEY="sk-ant-dummy-daemon",
+            NODE_EXTRA_CA_CERTS=str(certs.ca),
+            CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+            DISABLE_AUTOUPDATER="1",
+        )
+        started = time.strftime("%H:%M:%S", time.gmtime()) + f".{time.time() % 1:.3f}"[2:]
+        p = subprocess.run(
+            [str(agents[key].cli), "-p", prompt, "--tools", ""],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=AGENT_TIMEOUT_S,
+        )
+        assert p.returncode == 0, p.stderr[-2000:]
+
+        def mine() -> list[dict]:
+            if not out.exists():
+                return []
+            recs = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+            return [r for r in recs if r.get("provider") == "anthropic" and prompt in json.dumps(r["request"])]
+
+        deadline = time.monotonic() + 20
+        while not mine() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        recs = mine()
+        about = [ln for ln in log.read_text(errors="replace").splitlines() if "claude" in ln]
+        assert recs, f"no record of claude's request (started {started}); daemon log on claude:\n" + "\n".join(about)
+        r = recs[0]
+        assert r["response"]["status"] == 200 and r["response"]["text"].strip() == p.stdout.strip()
+        assert r["usage"]["input_tokens"] and r["usage"]["output_tokens"]
+        assert "sk-ant-dummy-daemon" not in out.read_text()  # the sinks redact the key
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(60)  # detaching many uprobes takes a while
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        fp_proc.kill()
+        fp_proc.wait()
