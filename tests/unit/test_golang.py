@@ -67,7 +67,7 @@ def _objdump_after_stack_check(tc: build.Toolchain, path: Path, name: str) -> in
     return insns[i + 1][0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _target(path: Path) -> Target | Uncovered | None:
     st = path.stat()
     with open(path, "rb") as f:

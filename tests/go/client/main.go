@@ -124,8 +124,12 @@ func main() {
 	depth := flag.Int("recurse", 0, "recursion depth between requests (stack growth)")
 	raw := flag.Bool("raw", false, "HTTP/1.1 by hand on one tls.Conn per worker, each exchange deep in a recursion")
 	delay := flag.Duration("delay", 0, "wait this long before the first request (lets discovery attach first)")
+	waitLine := flag.Bool("wait-stdin", false, "wait for a line on stdin before the first request")
 	flag.Parse()
 	time.Sleep(*delay)
+	if *waitLine {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+	}
 
 	tr := &http.Transport{
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
