@@ -206,15 +206,18 @@ def prog_run_time(prog_fds: dict[str, int]) -> dict[str, tuple[int, int]]:
 
 
 class Counter:
-    """Capture sink that only counts, so the figures measure capture, not a pipeline."""
+    """Capture sink that only counts (the bench's clients only, once `pids` is set), so the figures measure
+    capture, not a pipeline."""
 
     def __init__(self) -> None:
         self.records = 0
         self.bytes = 0
+        self.pids: set[int] | None = None
 
     def __call__(self, batch: list) -> None:
+        pids = self.pids
         for ev in batch:
-            if isinstance(ev, TlsChunk):
+            if isinstance(ev, TlsChunk) and (pids is None or ev.pid in pids):
                 self.records += 1
                 self.bytes += len(ev.data)
 
@@ -248,7 +251,7 @@ def rss_anon_kib(pid: int | str = "self") -> int:
 
 
 def llmspyd_session(sink, server_pid: int, **kw) -> CaptureSession:
-    s = CaptureSession(sink, scan=False, **kw)
+    s = CaptureSession(sink, scan=False, follow_exec=False, **kw)
     s.start()
     assert s.scanner.scan_file(private_lib)
     from llmspyd.bpf.abi import Verdict
@@ -265,7 +268,9 @@ def flood(port: int, ca: Path, server_pid: int, size: int, rate: int) -> dict:
         n = os.cpu_count() or 2
         cpu0 = time.process_time()
         t0 = time.monotonic()
+        sink.pids = set()
         clients = [client(port, ca, "flood", size, THROUGHPUT_SECONDS, rate) for _ in range(n)]
+        sink.pids.update(c.pid for c in clients)
         calls = sum(json.loads(c.communicate(timeout=120)[0])["calls"] for c in clients)
         wall = time.monotonic() - t0
         time.sleep(0.5)  # let the reader drain

@@ -205,6 +205,11 @@ class RingReader:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def native_id(self) -> int | None:
+        """Kernel thread id of the reader thread (to raise its priority), None before start()."""
+        return self._thread.native_id if self._thread is not None else None
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("RingReader already started")
