@@ -16,11 +16,12 @@ the next function's entry (from `.gopclntab`).
 The register ABI (arguments in registers) exists since Go 1.17; older
 binaries pass arguments on the stack and are reported as Uncovered.
 
-When DWARF is present, the struct layout from *tls.Conn to the socket fd
-(`tls.Conn.conn` -> `*net.TCPConn` -> `netFD.pfd.Sysfd`) is read from it and
-handed to the probes in `Target.params` (the "dwarf" fd path); otherwise the
-probes learn fd and peer from the syscall that the TLS call makes on the same
-thread (the "syscall" fd path).
+When DWARF is present (and the executable is not position-independent), the
+struct layout from *tls.Conn to the socket fd (`tls.Conn.conn` ->
+`*net.TCPConn` -> `netFD.pfd.Sysfd`) is read from it and handed to the probes
+in `Target.params` (the "dwarf" fd path); otherwise the probes learn fd and
+peer from the syscall that the TLS call makes on the same thread (the
+"syscall" fd path).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ PCLN_GO116 = 0xFFFFFFFA  # Go 1.16-1.17: absolute entry PCs in the functab
 PCLN_GO118 = 0xFFFFFFF0  # Go 1.18-1.19: entry offsets from textStart
 PCLN_GO120 = 0xFFFFFFF1  # Go 1.20 and later: same layout as 1.18
 PCLN_MAGICS = (PCLN_GO116, PCLN_GO118, PCLN_GO120)
+# the table's section; position-independent builds before Go 1.2x put it among the relocated read-only data
+PCLN_SECTIONS = (".gopclntab", ".data.rel.ro.gopclntab")
 
 # amd64 return instructions: RET (C3) and RET imm16 (C2); capstone calls both "ret"
 RET_MNEMONICS = ("ret", "retq")
@@ -206,7 +209,8 @@ def parse_go_version(version: str) -> tuple[int, int] | None:
 
 def pclntab_funcs(img: _Image, names: tuple[str, ...], text_start: int | None = None) -> dict[str, GoFunc]:
     """Entry and end of the named functions, from .gopclntab (works on stripped binaries)."""
-    tab = img.section(".gopclntab")
+    sec_name = next((n for n in PCLN_SECTIONS if n in img.sections), PCLN_SECTIONS[0])
+    tab = img.section(sec_name)
     if tab is None:
         raise GoBinaryError("no .gopclntab section")
     if len(tab) < 16:
@@ -235,7 +239,7 @@ def pclntab_funcs(img: _Image, names: tuple[str, ...], text_start: int | None = 
 
     # name offsets of the wanted names inside funcnametab (each name is stored once, NUL-terminated)
     want: dict[int, str] = {}
-    sec_off = img.sections[".gopclntab"][0]
+    sec_off = img.sections[sec_name][0]
     lo, hi = sec_off + funcname_off, sec_off + functab_off
     for name in names:
         raw = name.encode() + b"\x00"
@@ -469,7 +473,8 @@ def analyse(path: str, elf: Any) -> GoAnalysis | None:
                     raise GoBinaryError(f"{fn} lies outside the loaded segments")
                 offsets[role] = [off]
         params: dict[str, int] = {}
-        layout = dwarf_fd_layout(elf)
+        # the probe compares run-time code addresses with these link-time ones: equal only without relocation
+        layout = dwarf_fd_layout(elf) if elf.header["e_type"] == "ET_EXEC" else None
         if layout is not None and TCPCONN_CLOSE_FN in funcs and TCPCONN_READ_FN in funcs:
             params = {
                 PARAM_TCPCONN_CLOSE: funcs[TCPCONN_CLOSE_FN].entry,

@@ -284,6 +284,20 @@ def test_go_client_several_mib_exact(go_capture, go_server, variant, proto):
         assert chunks[0].peer is not None
 
 
+@pytest.mark.parametrize("tc", TOOLCHAINS, ids=[tc.name for tc in TOOLCHAINS])
+def test_go_position_independent_client_exact(go_capture, go_server, tc):
+    """-buildmode=pie (how some distributions build Go programs): file offsets hold, fd from the syscall path."""
+    session, log = go_capture
+    binary = build.build("client", tc, stripped=False, pie=True)
+    target = attach(session, binary)
+    assert target.how.endswith("fd:syscall")
+    n, req = 2, MIB
+    pid, lines = run_client_pid(binary, go_server, "-n", str(n), "-req", str(req), "-resp", str(MIB))
+    assert all(line.endswith("ok=true") for line in lines)
+    seeds = captured_seeds(session, log, pid, check_h1, req, n)
+    assert sorted(s for ss in seeds.values() for s in ss) == list(range(n))
+
+
 class UprobeCounter:
     """Hit counters of plain tracefs uprobes (uprobe_profile): an independent witness of what ran."""
 

@@ -66,12 +66,13 @@ def toolchains() -> list[Toolchain]:
     return found
 
 
-def build(program: str, tc: Toolchain, *, stripped: bool) -> Path:
-    """Path of tests/go/<program>/main.go built with `tc`, stripped with -s -w or not."""
+def build(program: str, tc: Toolchain, *, stripped: bool, pie: bool = False) -> Path:
+    """Path of tests/go/<program>/main.go built with `tc`, stripped with -s -w or not, position-independent
+    (-buildmode=pie, as some distributions build Go programs) or not."""
     src = HERE / program / "main.go"
-    flags = ["-ldflags=-s -w"] if stripped else []
+    flags = (["-ldflags=-s -w"] if stripped else []) + (["-buildmode=pie"] if pie else [])
     digest = hashlib.sha256(src.read_bytes() + tc.version.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    out = CACHE / f"{program}-{tc.name}-{'stripped' if stripped else 'full'}-{digest}"
+    out = CACHE / f"{program}-{tc.name}-{'stripped' if stripped else 'full'}{'-pie' if pie else ''}-{digest}"
     if out.exists():
         return out
     CACHE.mkdir(parents=True, exist_ok=True)

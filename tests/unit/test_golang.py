@@ -235,3 +235,15 @@ def test_pclntab_go116_layout_of_go_1_17() -> None:
         golang.WRITE_FN: golang.GoFunc(golang.WRITE_FN, 0x401200, 0x401800),
         golang.READ_FN: golang.GoFunc(golang.READ_FN, 0x401800, 0x402000),
     }
+
+
+def test_position_independent_binary(built: tuple[build.Toolchain, Path, Path]) -> None:
+    """-buildmode=pie: same functions through the same tables; the fd layout (link-time addresses) is not used."""
+    tc, _, _ = built
+    pie = build.build("client", tc, stripped=False, pie=True)
+    with open(pie, "rb") as f:
+        assert ELFFile(f).header["e_type"] == "ET_DYN"
+    t = _target(pie)
+    assert isinstance(t, Target) and t.how.startswith("symtab") and t.how.endswith("fd:syscall")
+    assert t.offsets["go_write"] == [_file_offset(pie, _objdump_after_stack_check(tc, pie, golang.WRITE_FN))]
+    assert t.offsets["go_read_ret"] == [_file_offset(pie, a) for a in _objdump_rets(tc, pie, golang.READ_FN)]
