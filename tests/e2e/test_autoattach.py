@@ -78,12 +78,10 @@ int main(int argc, char **argv) {
 def discovery(start_capture):
     """(session, log, watcher): a capture whose only attacher is the ExecWatcher, started with no probes."""
     session, log = start_capture(scan=False, poll_ms=20)
-    latencies: list[float] = []
     watcher = ExecWatcher(
         session.probes.attach,
         detach=session.probes.detach,
         scanner=Scanner(),
-        on_attached=lambda pid, t, roles, dt: latencies.append(dt),
     )
     session.scanner.close()
     session.scanner = watcher  # the session now hands every exec event to discovery
@@ -93,7 +91,6 @@ def discovery(start_capture):
     end = time.monotonic() + 120
     while not watcher.idle() and time.monotonic() < end:
         time.sleep(0.1)
-    watcher.latencies = latencies  # type: ignore[attr-defined]
     yield session, log, watcher
     watcher.close()
 
