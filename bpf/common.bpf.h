@@ -299,7 +299,8 @@ static long emit_chunk(__u64 i, struct emit_ctx *c)
 		flags |= LLMSPY_F_LAST | c->last_flags;
 
 	rec->offset = c->offset + c->done;
-	rec->hdr.ts_ns = bpf_ktime_get_ns();
+	if (i)
+		rec->hdr.ts_ns = bpf_ktime_get_ns(); /* the first took the call's time in fill_hdr */
 	/* keep the bound check on the register the helper gets */
 	asm volatile("" : "+r"(n));
 	if (n > LLMSPY_CHUNK_MAX)
@@ -411,7 +412,10 @@ static __always_inline bool llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 		__builtin_memset(rec->peer_addr, 0, sizeof(rec->peer_addr));
 	}
 
-	bpf_loop((c.cap + LLMSPY_CHUNK_MAX - 1) / LLMSPY_CHUNK_MAX, emit_chunk, &c, 0);
+	if (c.cap <= LLMSPY_CHUNK_MAX)
+		emit_chunk(0, &c); /* most calls: spare bpf_loop's indirect call */
+	else
+		bpf_loop((c.cap + LLMSPY_CHUNK_MAX - 1) / LLMSPY_CHUNK_MAX, emit_chunk, &c, 0);
 	__sync_fetch_and_add(off, len);
 	return so != NULL;
 }
