@@ -613,7 +613,7 @@ def real_capture(settings: Settings, sink: Callable[[list[CaptureEvent]], None])
     try:
         probes = ProbeManager(objects)
         probes.attach_global()
-        discovery = ExecWatcher.for_probes(probes)
+        discovery = ExecWatcher.for_probes(probes, prewarm_dirs=tuple(settings.trace.prewarm_dirs))
         reader = RingReader(objects.map("rb"), sink, poll_ms=settings.capture.poll_ms)
     except BaseException:
         objects.close()

@@ -55,13 +55,17 @@ class TraceSettings(_Strict):
     cgroups: list[str] = Field(default_factory=list)
     units: list[str] = Field(default_factory=list)
     exclude_pids: list[int] = Field(default_factory=list)
+    # folders whose TLS-carrying executables are probed at start, before they ever run (not recursive)
+    prewarm_dirs: list[str] = Field(
+        default_factory=lambda: ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin"]
+    )
 
-    @field_validator("executables")
+    @field_validator("executables", "prewarm_dirs")
     @classmethod
     def _absolute(cls, v: list[str]) -> list[str]:
         for p in v:
             if not p.startswith("/"):
-                raise ValueError(f"executable {p!r} must be an absolute path")
+                raise ValueError(f"{p!r} must be an absolute path")
         return v
 
     @field_validator("comms")

@@ -55,6 +55,8 @@ RESCAN_DELAYS = (0.005, 0.02, 0.06, 0.15, 0.4, 1.0, 2.5)
 # TLS libraries programs load with dlopen() rather than link (Python's _ssl, curl plugins, ...): resolved in the
 # process's root at exec like DT_NEEDED entries, so a container's own libssl is probed before the dlopen
 DLOPEN_LIKELY = ("libssl.so.3", "libssl.so.1.1", "libgnutls.so.30")
+# where agents and their runtimes get installed (npm -g links its bins into /usr/local/bin or /usr/bin)
+PREWARM_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin")
 # threads for the slow finders (Go, stripped BoringSSL): two, so that a Go client's analysis (~1 s at worst)
 # does not queue behind a 245 MB Bun binary's (seconds)
 SLOW_WORKERS = 2
@@ -107,7 +109,9 @@ class ExecWatcher:
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         on_attached: Callable[[int, Target, list[str], float], None] | None = None,
         isolate_slow: bool = True,
+        prewarm_dirs: tuple[str, ...] = (),
     ) -> None:
+        self.prewarm_dirs = prewarm_dirs
         self._attach = attach
         self._detach = detach
         self.scanner = scanner or Scanner()
@@ -182,12 +186,51 @@ class ExecWatcher:
         """Probe the system's TLS libraries and scan every live process (daemon start); returns how many files
         are probed. Starts the worker."""
         self.probe_system_libraries()
+        if self.prewarm_dirs:
+            threading.Thread(
+                target=self.probe_installed, args=(self.prewarm_dirs,), name="llmspy-prewarm", daemon=True
+            ).start()
         for name in os.listdir("/proc"):
             if name.isdigit():
                 self._scan(int(name), predict=False)
         self.start()
         with self._lock:
             return len(self._st.attached)
+
+    def probe_installed(self, dirs: tuple[str, ...] = PREWARM_DIRS) -> int:
+        """Probe the TLS-carrying executables installed in `dirs` (node, bun, claude, Go tools, ...) before they
+        ever run: an exec-time attach costs 15-230 ms here (kernel uprobe registration), longer than a short
+        agent takes to send its first request. Runs on its own thread at start; slow finders are deferred to
+        their workers as at exec. Returns how many files it probed."""
+        me = os.getpid()
+        seen: set[tuple[int, int]] = set()
+        n = 0
+        for d in dirs:
+            try:
+                names = sorted(os.listdir(d))
+            except OSError:
+                continue
+            for name in names:
+                if self._stop:
+                    return n
+                path = os.path.realpath(os.path.join(d, name))  # npm bins are symlinks into node_modules
+                if not _is_elf(path):
+                    continue
+                f = procmaps.open_in_root(me, path)
+                if f is None or f.key in seen:
+                    continue
+                seen.add(f.key)
+                try:
+                    v, _ = self.scanner.analyse(f, heavy=False)
+                except Exception:  # noqa: BLE001 - one odd file must not stop the others
+                    log.debug("prewarm: analysis of %s failed", path, exc_info=True)
+                    continue
+                if v.target is not None:
+                    n += self._ensure(me, replace(v.target, path=f.path), path)
+                elif v.deferred:
+                    self._defer(me, [f])
+        self.counters["prewarmed"] = n
+        return n
 
     def probe_system_libraries(self) -> int:
         """The daemon's own root's TLS libraries (DLOPEN_LIKELY via ld.so.cache): probed before any client
@@ -642,3 +685,11 @@ def _ns_path_of(pid: int, t: Target) -> str:
     if t.path.startswith(prefix + "/"):
         return t.path[len(prefix) :]
     return "" if t.path.startswith("/proc/") else t.path  # a host path is the same in both namespaces
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
