@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 OPENSSL_FUNCS = ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex", "SSL_free")
 GNUTLS_FUNCS = ("gnutls_record_send", "gnutls_record_recv", "gnutls_deinit")
+# other public entry points with the same first three arguments (session, buf, len), probed under the same role;
+# a call that goes through both (send -> send2 via the PLT) is emitted once, at the first return
+GNUTLS_ALSO = {"gnutls_record_send": ("gnutls_record_send2",), "gnutls_record_recv": ("gnutls_record_recv_seq",)}
 # exported only by BoringSSL (and its forks), never by OpenSSL: tells node's OpenSSL from an exporting BoringSSL
 BORINGSSL_ONLY = ("CRYPTO_BUFFER_new", "SSL_CTX_set_strict_cipher_list", "BORINGSSL_self_test")
 GO_TLS_FUNC = b"crypto/tls.(*Conn).Write\0"
@@ -218,13 +221,16 @@ class Scanner:
     def _decide(
         self, img: ElfImage, f: procmaps.OpenedFile, v: FileVerdict, heavy: bool = True, executable: bool = True
     ) -> None:
-        exported = img.lookup(OPENSSL_FUNCS + GNUTLS_FUNCS + BORINGSSL_ONLY, tables=(".dynsym",))
+        also = tuple(n for names in GNUTLS_ALSO.values() for n in names)
+        exported = img.lookup(OPENSSL_FUNCS + GNUTLS_FUNCS + also + BORINGSSL_ONLY, tables=(".dynsym",))
         if _has_rw(exported, "SSL"):
             stack = Stack.BORINGSSL if any(n in exported for n in BORINGSSL_ONLY) else Stack.OPENSSL
             v.stack, v.target = stack, _target(f, stack, exported, OPENSSL_FUNCS, "dynsym")
             return
         if _has_rw(exported, "gnutls"):
             v.stack, v.target = Stack.GNUTLS, _target(f, Stack.GNUTLS, exported, GNUTLS_FUNCS, "dynsym")
+            for role, names in GNUTLS_ALSO.items():
+                v.target.offsets[role] += sorted({exported[n].offset for n in names if n in exported})
             return
         if img.is_go():
             if img.has_section(".gopclntab") and not img.contains(GO_TLS_FUNC, ".gopclntab"):
