@@ -608,6 +608,7 @@ def real_capture(settings: Settings, sink: Callable[[list[CaptureEvent]], None])
             # record costs the traced process ~10 µs per TLS call (issue 2's measurement)
             "wakeup_bytes": ring // WAKEUP_FRACTION,
         },
+        uprobe_multi=True,
         max_entries={"rb": ring, "scratch": num_possible_cpus()},
     )
     try:

@@ -20,6 +20,7 @@ import ctypes
 import errno as _errno
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -167,6 +168,11 @@ class _Lib:
         self.prog_fd = _fn(lib, "bpf_program__fd", ctypes.c_int, _c_void_p)
         self.prog_set_autoload = _fn(lib, "bpf_program__set_autoload", ctypes.c_int, _c_void_p, ctypes.c_bool)
         self.prog_autoload = _fn(lib, "bpf_program__autoload", ctypes.c_bool, _c_void_p)
+        self.prog_set_expected_attach_type = _fn(
+            lib, "bpf_program__set_expected_attach_type", ctypes.c_int, _c_void_p, ctypes.c_int
+        )
+        self.syscall = libc.syscall
+        self.syscall.restype = ctypes.c_long
         self.prog_attach = _fn(lib, "bpf_program__attach", _c_void_p, _c_void_p)
         self.prog_attach_uprobe_opts = _fn(
             lib,
@@ -546,6 +552,50 @@ class BpfProgram:
     def set_autoload(self, on: bool) -> None:
         _check(_lib().prog_set_autoload(self.ptr, on), f"set autoload of program {self.name}")
 
+    def set_expected_attach_type(self, attach_type: int) -> None:
+        """Before load: e.g. BPF_TRACE_UPROBE_MULTI, so that attach_uprobe_multi() can bind the program (the kernel
+        then refuses the classic perf-event attach for it)."""
+        _check(
+            _lib().prog_set_expected_attach_type(self.ptr, attach_type),
+            f"set expected attach type of program {self.name}",
+        )
+
+    def attach_uprobe_multi(
+        self,
+        path: str | os.PathLike[str],
+        offsets: list[int],
+        *,
+        retprobe: bool = False,
+        pid: int = -1,
+        cookies: list[int] | None = None,
+    ) -> Link:
+        """One link probing every FILE offset in `offsets` of `path` (BPF_LINK_CREATE, uprobe_multi).
+
+        libbpf 1.1 predates uprobe_multi, so this issues the bpf() call itself. The program must have been
+        loaded with set_expected_attach_type(BPF_TRACE_UPROBE_MULTI)."""
+        p = os.fspath(path)
+        if not offsets:
+            raise ValueError(f"attach {self.name} to {p}: no offsets")
+        if cookies is not None and len(cookies) != len(offsets):
+            raise ValueError(f"attach {self.name} to {p}: {len(cookies)} cookies for {len(offsets)} offsets")
+        c_path = ctypes.create_string_buffer(p.encode())
+        c_offs = (ctypes.c_uint64 * len(offsets))(*offsets)
+        c_cookies = (ctypes.c_uint64 * len(offsets))(*cookies) if cookies else None
+        attr = ctypes.create_string_buffer(_BPF_ATTR_SIZE)
+        _LINK_CREATE.pack_into(
+            attr, 0, self.fd, 0, BPF_TRACE_UPROBE_MULTI, 0,
+            ctypes.addressof(c_path), ctypes.addressof(c_offs), 0,
+            ctypes.addressof(c_cookies) if c_cookies is not None else 0,
+            len(offsets), BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, max(pid, 0),
+        )  # fmt: skip
+        fd = _lib().syscall(_SYS_BPF, _BPF_LINK_CREATE, attr, _BPF_ATTR_SIZE)
+        kind = "uretprobe" if retprobe else "uprobe"
+        where = ",".join(f"{o:#x}" for o in offsets)
+        desc = f"{kind}.multi {where} in {p}" + (f" pid {pid}" if pid > 0 else "") + f" ({self.name})"
+        if fd < 0:
+            raise LibbpfError(ctypes.get_errno(), f"attach {desc}")
+        return Link(None, desc, fd=int(fd))
+
     def attach(self) -> Link:
         """Attach as the section says (tracepoint, tp_btf, raw_tp, ...)."""
         ptr = _lib().prog_attach(self.ptr)
@@ -585,26 +635,58 @@ class BpfProgram:
         return Link(ptr, desc)
 
 
-class Link:
-    """One attachment. destroy() detaches; safe to call twice."""
+# enum bpf_attach_type / bpf_cmd values from the kernel UAPI (include/uapi/linux/bpf.h)
+BPF_TRACE_UPROBE_MULTI = 48
+BPF_F_UPROBE_MULTI_RETURN = 1
+_BPF_LINK_CREATE = 28
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+# union bpf_attr, link_create member: prog_fd, target_fd, attach_type, flags, then uprobe_multi at offset 16:
+# path, offsets, ref_ctr_offsets, cookies (u64 each), cnt, flags, pid (u32 each)
+_LINK_CREATE = struct.Struct("<IIII QQQQ III")
+_BPF_ATTR_SIZE = 128
 
-    def __init__(self, ptr: int, desc: str) -> None:
+_uprobe_multi: bool | None = None
+
+
+def uprobe_multi_supported() -> bool:
+    """Does the running kernel have uprobe_multi links (Linux 6.6+)? Read once from its BTF.
+
+    One uprobe_multi link registers many offsets of one file with no perf event per probe: on this VM that
+    attaches a fresh file in ~1 ms instead of 15-230 ms, and detaches a whole file in one RCU grace period."""
+    global _uprobe_multi
+    if _uprobe_multi is None:
+        try:
+            with open("/sys/kernel/btf/vmlinux", "rb") as f:
+                _uprobe_multi = b"\0BPF_TRACE_UPROBE_MULTI\0" in f.read()
+        except OSError:
+            _uprobe_multi = False
+    return _uprobe_multi
+
+
+class Link:
+    """One attachment: a libbpf `struct bpf_link *`, or a raw BPF link fd. destroy() detaches; safe to call twice."""
+
+    def __init__(self, ptr: int | None, desc: str, *, fd: int | None = None) -> None:
         self._ptr: int | None = ptr
+        self._fd: int | None = fd
         self.desc = desc
 
     def __repr__(self) -> str:
-        return f"<Link {self.desc}{' destroyed' if self._ptr is None else ''}>"
+        return f"<Link {self.desc}{'' if self.attached else ' destroyed'}>"
 
     @property
     def attached(self) -> bool:
-        return self._ptr is not None
+        return self._ptr is not None or self._fd is not None
 
     def destroy(self) -> None:
         ptr, self._ptr = self._ptr, None
+        fd, self._fd = self._fd, None
         if ptr is not None:
             err = _lib().link_destroy(ptr)
             if err < 0:
                 log.warning("detach %s: %s", self.desc, os.strerror(-err))
+        if fd is not None:
+            os.close(fd)  # the last reference to a BPF link detaches it
 
     def __enter__(self) -> Link:
         return self

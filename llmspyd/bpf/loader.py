@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from llmspyd.bpf import abi
-from llmspyd.bpf.libbpf import BpfMap, BpfObject, BpfProgram
+from llmspyd.bpf.libbpf import BPF_TRACE_UPROBE_MULTI, BpfMap, BpfObject, BpfProgram, uprobe_multi_supported
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,12 @@ class ObjectSet:
         *,
         rodata: Mapping[str, int | bytes] = {},
         max_entries: Mapping[str, int] = {},
+        uprobe_multi: bool = False,
     ) -> None:
         self._objects: list[BpfObject] = []
         self._owners: dict[str, BpfMap] = {}  # map name -> the map in its owning object
+        # uprobe programs loaded for uprobe_multi links (attach_uprobe_multi), when asked and the kernel has them
+        self.uprobe_multi = uprobe_multi and uprobe_multi_supported()
         try:
             self._load_all(paths, rodata, max_entries)
         except BaseException:
@@ -76,6 +79,10 @@ class ObjectSet:
                 else:
                     self._check_compatible(owner, m)
                     m.reuse_fd(owner.fd)
+            if self.uprobe_multi:
+                for prog in obj.programs():
+                    if prog.section.startswith(("uprobe", "uretprobe")):
+                        prog.set_expected_attach_type(BPF_TRACE_UPROBE_MULTI)
             obj.load()
             for m in new_here:
                 self._owners[m.name] = m

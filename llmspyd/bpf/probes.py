@@ -96,7 +96,10 @@ class ProbeManager:
             if target.key in self._attached:
                 return list(self._attached[target.key].roles)
             att = Attachment(target)
-            for role, offsets in target.offsets.items():
+            if self._objects.uprobe_multi:
+                if not self._attach_multi(target, att):
+                    return []
+            for role, offsets in ({} if self._objects.uprobe_multi else target.offsets).items():
                 probes = ROLE_PROBES.get(role)
                 if not probes or not offsets:
                     continue
@@ -126,10 +129,46 @@ class ProbeManager:
                 att.roles.append(role)
             if att.roles and target.params:
                 self._apply_params(target)
-            if att.roles:
+            if not att.roles:
+                destroy_links(att.links)  # programs of roles that failed half-way
+            else:
                 self._attached[target.key] = att
                 log.info("attached %s in %s (%s)", ",".join(att.roles), target.path, target.stack.name)
             return list(att.roles)
+
+    def _attach_multi(self, target: Target, att: Attachment) -> bool:
+        """One uprobe_multi link per program for the whole file (all its offsets at once): no perf event per
+        probe, so a fresh file is probed in ~1 ms and detached in one RCU grace period. Fills `att`; False when
+        the path vanished (nothing attached, so that a later scan through a live path attaches every role)."""
+        groups: dict[tuple[str, bool], list[int]] = {}
+        role_probes: dict[str, list[tuple[str, bool]]] = {}
+        for role, offsets in target.offsets.items():
+            probes = ROLE_PROBES.get(role)
+            if not probes or not offsets:
+                continue
+            if any(name not in self._programs for name, _ in probes):
+                log.debug("no program loaded for role %s: skipped in %s", role, target.path)
+                continue
+            role_probes[role] = probes
+            for probe in probes:
+                offs = groups.setdefault(probe, [])
+                offs.extend(o for o in offsets if o not in offs)
+        failed: set[tuple[str, bool]] = set()
+        for (name, ret), offs in groups.items():
+            try:
+                # the cookie tells shared programs which stack they serve (OpenSSL programs on BoringSSL)
+                att.links.append(self._programs[name].attach_uprobe_multi(
+                    target.path, offs, retprobe=ret, cookies=[int(target.stack)] * len(offs)))
+            except (LibbpfError, OSError) as e:
+                if e.errno == errno.ENOENT:
+                    log.info("%s vanished while attaching: not probed", target.path)
+                    destroy_links(att.links)
+                    att.links.clear()
+                    return False
+                log.warning("cannot attach %s in %s: %s", name, target.path, e)
+                failed.add((name, ret))
+        att.roles = [r for r, probes in role_probes.items() if not failed.intersection(probes)]
+        return True
 
     def _apply_params(self, target: Target) -> None:
         """Numbers the probes need besides offsets: the Go fd layout (bpf/tls_gotls.bpf.c, go_fd_layouts)."""

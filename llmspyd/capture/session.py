@@ -61,6 +61,8 @@ class CaptureSession:
     bytes are there or the reader's poll timer fires (cheapest for the traced processes).
     default_verdict SKIP traces only processes given TRACE with probes.set_pid_verdict / set_cgroup_verdict.
     follow_exec False: probe only what start() and explicit scans found (benchmarks).
+    uprobe_multi False: one classic perf-event uprobe per offset instead of one uprobe_multi link per program
+    and file (kernels before 6.6 get the classic ones anyway).
     full_discovery: every stack (llmspyd.discovery.execwatch, all objects) instead of OpenSSL only; then
     `self.watcher` is the ExecWatcher, and `self.scanner` is still there for explicit OpenSSL files.
     """
@@ -79,6 +81,7 @@ class CaptureSession:
         scan: bool = True,
         follow_exec: bool = True,
         full_discovery: bool = False,
+        uprobe_multi: bool = True,
     ) -> None:
         self._sink = sink
         if objects is None:
@@ -95,6 +98,7 @@ class CaptureSession:
                 "wakeup_bytes": wakeup_bytes,
                 "default_verdict": int(default_verdict),
             },
+            uprobe_multi=uprobe_multi,
             max_entries={"rb": ring_bytes, "scratch": num_possible_cpus()},
         )
         self.probes = ProbeManager(self.objects)
