@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from llmspyd.discovery.elfsyms import NotElf, open_elf
+from tests.unit import discovery_bins as bins
 
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 LIBGNUTLS = "/usr/lib/x86_64-linux-gnu/libgnutls.so.30"
 NODE = "/usr/bin/node"
 OPENSSL_FUNCS = ["SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex", "SSL_free"]
 GNUTLS_FUNCS = ["gnutls_record_send", "gnutls_record_recv", "gnutls_deinit"]
-
-GO_PROGRAM = """package main
-
-import (
-\t"crypto/tls"
-\t"fmt"
-\t"os"
-)
-
-func main() {
-\tc, err := tls.Dial("tcp", os.Args[1], &tls.Config{InsecureSkipVerify: true})
-\tif err != nil {
-\t\tfmt.Println(err)
-\t\treturn
-\t}
-\tc.Write([]byte("hi"))
-\tbuf := make([]byte, 16)
-\tc.Read(buf)
-\tc.Close()
-}
-"""
-
 
 def need(path: str) -> str:
     if not os.path.exists(path):
@@ -147,16 +125,11 @@ def test_not_elf(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def go_binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    if not shutil.which("go"):
-        pytest.skip("go toolchain not installed")
     d = tmp_path_factory.mktemp("gobin")
-    (d / "main.go").write_text(GO_PROGRAM)
-    (d / "go.mod").write_text("module example.com/llmspytest\n\ngo 1.17\n")
-    env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="-mod=mod", GOCACHE=str(d / "cache"), HOME=str(d))
-    out = {}
-    for name, flags in (("plain", []), ("stripped", ["-ldflags=-s -w"])):
-        subprocess.run(["go", "build", *flags, "-o", str(d / name), "."], cwd=d, env=env, check=True)
-        out[name] = str(d / name)
+    out = {
+        "plain": bins.go_build(d, "plain", bins.GO_TLS_PROGRAM, []),
+        "stripped": bins.go_build(d, "stripped", bins.GO_TLS_PROGRAM, ["-ldflags=-s -w"]),
+    }
     out["version"] = subprocess.run(
         ["go", "env", "GOVERSION"], capture_output=True, text=True, check=True
     ).stdout.strip()
