@@ -178,3 +178,30 @@ def client_env(certs: Certs) -> dict[str, str]:
     env["CURL_CA_BUNDLE"] = str(certs.ca)
     env["NODE_EXTRA_CA_CERTS"] = str(certs.ca)
     return env
+
+
+def assert_conn_exact(log, server: TlsServer, pid: int, conn: int, timeout: float = 15.0) -> tuple:
+    """The captured streams of (pid, conn) equal what `server` saw on that connection, with no gap.
+
+    `log` is the tests' EventLog. Waits for a chunk carrying the peer (it names the server-side record) and for
+    the whole streams; returns (server record, peer)."""
+    from llmspyd.chunks import Direction
+
+    assert log.wait_for(lambda: log.chunks(pid, conn), timeout), f"nothing captured for pid {pid} conn {conn:#x}"
+    assert log.wait_for(lambda: any(c.peer is not None for c in log.chunks(pid, conn)), timeout), (
+        "no chunk carries the peer address"
+    )
+    peer = next(c.peer for c in log.chunks(pid, conn) if c.peer is not None)
+    assert peer.addr == "127.0.0.1" and peer.port == server.port
+    rec = server.connection(peer.local_port)
+    assert log.wait_for(
+        lambda: len(log.stream(pid, conn, Direction.READ)[0]) >= len(rec.sent)
+        and len(log.stream(pid, conn, Direction.WRITE)[0]) >= len(rec.received),
+        timeout,
+    ), "capture incomplete"
+    sent, sgaps = log.stream(pid, conn, Direction.WRITE)
+    got, rgaps = log.stream(pid, conn, Direction.READ)
+    assert sgaps == [] and rgaps == []
+    assert sent == bytes(rec.received)
+    assert got == bytes(rec.sent)
+    return rec, peer

@@ -17,7 +17,7 @@ import pytest
 
 from llmspyd.chunks import ConnClosed, Direction, Stack
 from llmspyd.discovery.target import Target
-from tests.tlsserver import pattern
+from tests.tlsserver import assert_conn_exact, pattern
 
 pytestmark = pytest.mark.e2e
 
@@ -78,20 +78,7 @@ def assert_exact(log, server, pid: int, timeout: float = 15.0):
     """One connection of pid, captured equal to what the server saw on it; returns (conn, server record)."""
     assert log.wait_for(lambda: log.conns(pid), timeout), f"nothing captured for pid {pid}"
     (conn,) = log.conns(pid)
-    assert log.wait_for(lambda: any(c.peer is not None for c in log.chunks(pid, conn)), timeout)
-    peer = next(c.peer for c in log.chunks(pid, conn) if c.peer is not None)
-    assert peer.addr == "127.0.0.1" and peer.port == server.port
-    rec = server.connection(peer.local_port)
-    assert log.wait_for(
-        lambda: len(log.stream(pid, conn, Direction.WRITE)[0]) >= len(rec.received)
-        and len(log.stream(pid, conn, Direction.READ)[0]) >= len(rec.sent),
-        timeout,
-    ), "capture incomplete"
-    sent, sgaps = log.stream(pid, conn, Direction.WRITE)
-    got, rgaps = log.stream(pid, conn, Direction.READ)
-    assert sgaps == [] and rgaps == []
-    assert sent == bytes(rec.received)
-    assert got == bytes(rec.sent)
+    rec, _ = assert_conn_exact(log, server, pid, conn, timeout)
     chunks = log.chunks(pid, conn)
     assert all(c.stack == Stack.GNUTLS for c in chunks)
     assert all(c.fd >= 0 for c in chunks if c.peer is not None)

@@ -18,7 +18,7 @@ import pytest
 
 from llmspyd.bpf.abi import CHUNK_MAX, Verdict
 from llmspyd.chunks import ConnClosed, Direction, ProcessExec, ProcessExit, Stack
-from tests.tlsserver import pattern
+from tests.tlsserver import assert_conn_exact, pattern
 
 pytestmark = pytest.mark.e2e
 
@@ -32,26 +32,6 @@ def run(argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProce
 
 def python_client(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
-
-
-def assert_conn_exact(log, server, pid: int, conn: int, timeout: float = 15.0) -> tuple:
-    """The captured streams of (pid, conn) equal what the server saw on that connection; returns the record."""
-    chunks = log.chunks(pid, conn)
-    assert chunks, f"nothing captured for pid {pid} conn {conn:#x}"
-    peer = next((c.peer for c in chunks if c.peer is not None), None)
-    assert peer is not None, "no chunk carries the peer address"
-    rec = server.connection(peer.local_port)
-    assert log.wait_for(
-        lambda: len(log.stream(pid, conn, Direction.READ)[0]) >= len(rec.sent)
-        and len(log.stream(pid, conn, Direction.WRITE)[0]) >= len(rec.received),
-        timeout,
-    ), "capture incomplete"
-    sent, sgaps = log.stream(pid, conn, Direction.WRITE)
-    got, rgaps = log.stream(pid, conn, Direction.READ)
-    assert sgaps == [] and rgaps == []
-    assert sent == bytes(rec.received)
-    assert got == bytes(rec.sent)
-    return rec, peer
 
 
 def wait_conns(log, pid: int, n: int, timeout: float = 15.0) -> list[int]:
