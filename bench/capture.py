@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmspyd.bpf.libbpf import BpfObject, Link
+from llmspyd.bpf.libbpf import BPF_TRACE_UPROBE_MULTI, BpfObject, Link, uprobe_multi_supported
 from llmspyd.bpf.probes import openssl_target
 from llmspyd.capture.session import CaptureSession
 from llmspyd.chunks import TlsChunk
@@ -162,11 +162,22 @@ class EmptyProbe:
     """Trivial programs on every role llmspyd probes: entry on all, return on the four data calls."""
 
     def __init__(self, obj_path: Path, lib: str) -> None:
+        # attached the way llmspyd attaches (uprobe_multi where the kernel has it), so the floor is comparable
+        multi = uprobe_multi_supported()
         self.obj = BpfObject.open(obj_path)
+        if multi:
+            for prog in self.obj.programs():
+                prog.set_expected_attach_type(BPF_TRACE_UPROBE_MULTI)
         self.obj.load()
         target = openssl_target(lib)
         assert target is not None
         self.links: list[Link] = []
+        if multi:
+            entries = sorted({o for offs in target.offsets.values() for o in offs})
+            returns = sorted({o for r, offs in target.offsets.items() if r != "SSL_free" for o in offs})
+            self.links.append(self.obj.program("empty_enter").attach_uprobe_multi(lib, entries))
+            self.links.append(self.obj.program("empty_return").attach_uprobe_multi(lib, returns, retprobe=True))
+            return
         for role, offsets in target.offsets.items():
             for off in offsets:
                 self.links.append(self.obj.program("empty_enter").attach_uprobe(lib, offset=off))

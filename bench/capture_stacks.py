@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench.capture import Counter, compile_empty
-from llmspyd.bpf.libbpf import BpfObject, Link
+from llmspyd.bpf.libbpf import BPF_TRACE_UPROBE_MULTI, BpfObject, Link, uprobe_multi_supported
 from llmspyd.capture.session import CaptureSession
 from llmspyd.discovery.golang import go_target
 from llmspyd.discovery.target import Target
@@ -89,9 +89,23 @@ class EmptyProbes:
     """Trivial programs at the same offsets, entry and (GnuTLS only) return, as llmspyd."""
 
     def __init__(self, obj_path: Path, target: Target, with_returns: set[str]) -> None:
+        # attached the way llmspyd attaches (uprobe_multi where the kernel has it), so the floor is comparable
+        multi = uprobe_multi_supported()
         self.obj = BpfObject.open(obj_path)
+        if multi:
+            for prog in self.obj.programs():
+                prog.set_expected_attach_type(BPF_TRACE_UPROBE_MULTI)
         self.obj.load()
         self.links: list[Link] = []
+        if multi:
+            entries = sorted({o for offs in target.offsets.values() for o in offs})
+            returns = sorted({o for r, offs in target.offsets.items() if r in with_returns for o in offs})
+            self.links.append(self.obj.program("empty_enter").attach_uprobe_multi(target.path, entries))
+            if returns:
+                self.links.append(
+                    self.obj.program("empty_return").attach_uprobe_multi(target.path, returns, retprobe=True)
+                )
+            return
         for role, offsets in target.offsets.items():
             for off in offsets:
                 self.links.append(self.obj.program("empty_enter").attach_uprobe(target.path, offset=off))
