@@ -165,6 +165,10 @@ class Daemon:
         if hasattr(self.capture.discovery, "scope"):
             self.capture.discovery.scope = self._in_scope
         self.capture.reader.start()
+        if hasattr(self.capture.reader, "native_id"):
+            from llmspyd.capture.session import raise_priority
+
+            raise_priority(self.capture.reader)
         self._apply_scope()
         n = self.capture.discovery.scan_all()
         attached = len(self.capture.probes.attached())

@@ -269,6 +269,11 @@ class Scanner:
         if img.contains(BORINGSSL_MARK, rodata):
             v.stack = Stack.BORINGSSL
             if not heavy and self.boring_finder is not None:
+                # a binary analysed before (the finder's on-disk cache, e.g. by an earlier run or the start-up
+                # prewarm) is answered now, so exec-time attach does not queue behind the slow finders
+                cached = self._boring_cached(f)
+                if cached is not None and self._delegate(lambda *_: cached, "stripped BoringSSL", v, f, ()):
+                    return
                 v.deferred = True
                 return
             if self._delegate(self.boring_finder, "stripped BoringSSL", v, f, (f.path, f.dev, f.ino)):
@@ -285,6 +290,17 @@ class Scanner:
                 Stack.RUSTLS,
                 "rustls (Rust, statically linked, no TLS symbols): no sound plaintext hook implemented",
             )
+
+    def _boring_cached(self, f: procmaps.OpenedFile) -> Target | Uncovered | None:
+        """The real BoringSSL finder's cached answer for `f`, without analysis; None when it has none."""
+        try:
+            from llmspyd.discovery import boringssl
+        except Exception:  # noqa: BLE001 - optional finder, as in _optional_finders
+            return None
+        if self.boring_finder is not boringssl.boringssl_target:
+            return None  # a test's own finder: no cache to consult
+        res = boringssl.cached_target(f.path, f.dev, f.ino)
+        return res if isinstance(res, (Target, Uncovered)) else None
 
     def _delegate(
         self, finder: Finder | None, what: str, v: FileVerdict, f: procmaps.OpenedFile, args: tuple[Any, ...]
