@@ -47,6 +47,10 @@ const volatile __u32 self_tgid = 0;
 const volatile __u32 max_call_bytes = 0;
 /* verdict for a process without an entry in pid_verdict / cgroup_verdict */
 const volatile __u8 default_verdict = LLMSPY_VERDICT_TRACE;
+/* the daemon's pid namespace (st_dev, st_ino of /proc/self/ns/pid) when it is not the initial one, as in a
+ * container: ids are then the ones that namespace sees, and tasks outside it are not traced (0, 0: host ids) */
+const volatile __u64 pidns_dev = 0;
+const volatile __u64 pidns_ino = 0;
 /* 0: wake the reader per record (libbpf's default, lowest latency);
  * N: never wake it until N bytes wait in the ring (the reader polls with a timeout) */
 const volatile __u32 wakeup_bytes = 0;
@@ -217,9 +221,21 @@ static __always_inline __u64 submit_flags(__u64 size)
 	return wake_flags(avail > size ? avail - size : 0, size);
 }
 
+/* bpf_get_current_pid_tgid() as the daemon's pid namespace sees it; 0 for a task outside that namespace */
+static __always_inline __u64 llmspy_pid_tgid(void)
+{
+	struct bpf_pidns_info ns;
+
+	if (!pidns_ino)
+		return bpf_get_current_pid_tgid();
+	if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
+		return 0;
+	return ((__u64)ns.tgid << 32) | ns.pid;
+}
+
 static __always_inline void fill_hdr(struct llmspy_hdr *h, __u16 kind, __u32 size)
 {
-	__u64 id = bpf_get_current_pid_tgid();
+	__u64 id = llmspy_pid_tgid();
 
 	h->version = LLMSPY_ABI_VERSION;
 	h->kind = kind;
@@ -232,11 +248,11 @@ static __always_inline void fill_hdr(struct llmspy_hdr *h, __u16 kind, __u32 siz
 /* should the current process be traced? counts the calls it filters out */
 static __always_inline bool llmspy_should_trace(void)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 tgid = llmspy_pid_tgid() >> 32;
 	__u8 verdict = default_verdict;
 	__u8 *v;
 
-	if (tgid == self_tgid) {
+	if (tgid == self_tgid || !tgid) { /* !tgid: outside the daemon's pid namespace */
 		stat_add(LLMSPY_STAT_FILTERED_CALLS, 1);
 		return false;
 	}
@@ -259,7 +275,7 @@ static __always_inline bool llmspy_should_trace(void)
 static __always_inline bool llmspy_is_muted(__u64 conn)
 {
 	struct llmspy_conn_key k = {
-		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.tgid = llmspy_pid_tgid() >> 32,
 		.conn = conn,
 	};
 
@@ -345,7 +361,7 @@ static long emit_chunk(__u64 i, struct emit_ctx *c)
 static __always_inline bool llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 dir, __u8 stack)
 {
 	struct llmspy_conn_key ok = {
-		.tgid = bpf_get_current_pid_tgid() >> 32,
+		.tgid = llmspy_pid_tgid() >> 32,
 		.dir = dir,
 		.conn = conn,
 	};
@@ -378,7 +394,7 @@ static __always_inline bool llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 		stat_add(LLMSPY_STAT_TRUNCATED_BYTES, len - max_call_bytes);
 	}
 	c.cpu = bpf_get_smp_processor_id();
-	c.tid = (__u32)bpf_get_current_pid_tgid();
+	c.tid = (__u32)llmspy_pid_tgid();
 	c.conn = conn;
 	rec = bpf_map_lookup_elem(&scratch, &c.cpu);
 	if (!rec) {
@@ -423,7 +439,7 @@ static __always_inline bool llmspy_emit(__u64 conn, __u64 buf, __u64 len, __u8 d
 /* entry of a TLS call: remember its arguments for the return probe */
 static __always_inline void llmspy_call_enter(__u64 conn, __u64 buf, __u64 out_len, __u8 dir, __u8 stack)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)llmspy_pid_tgid();
 	struct llmspy_call *call;
 
 	if (!llmspy_should_trace() || llmspy_is_muted(conn))
@@ -450,7 +466,7 @@ static __always_inline void llmspy_call_enter(__u64 conn, __u64 buf, __u64 out_l
  */
 static __always_inline void llmspy_call_return(long ret)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)llmspy_pid_tgid();
 	struct llmspy_call *call, c;
 	__u64 len = 0;
 
@@ -482,7 +498,7 @@ static __always_inline void llmspy_call_return(long ret)
 /* the TLS object is being freed: end its streams, if we ever saw them */
 static __always_inline void llmspy_conn_close(__u64 conn, __u8 stack)
 {
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 tgid = llmspy_pid_tgid() >> 32;
 	struct llmspy_conn_key w = { .tgid = tgid, .dir = LLMSPY_DIR_WRITE, .conn = conn };
 	struct llmspy_conn_key r = { .tgid = tgid, .dir = LLMSPY_DIR_READ, .conn = conn };
 	struct llmspy_conn_close *e;

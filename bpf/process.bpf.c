@@ -73,7 +73,7 @@ int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 
 	if (!is_io_syscall(id))
 		return 0;
-	tid = (__u32)bpf_get_current_pid_tgid();
+	tid = (__u32)llmspy_pid_tgid();
 	call = bpf_map_lookup_elem(&calls, &tid);
 	if (call && !call->conn)
 		call = NULL; /* a free slot: the thread is not inside a TLS call */
@@ -93,7 +93,7 @@ int BPF_PROG(sys_enter_io, struct pt_regs *regs, long id)
 		k.conn = pend->conn;
 	}
 	fd = (int)PT_REGS_PARM1_CORE(regs);
-	k.tgid = bpf_get_current_pid_tgid() >> 32;
+	k.tgid = llmspy_pid_tgid() >> 32;
 	known = bpf_map_lookup_elem(&socks, &k);
 	if (known && known->fd == fd)
 		return 0;
@@ -140,7 +140,12 @@ int BPF_PROG(process_exec, struct task_struct *p, pid_t old_pid, struct linux_bi
 		return 0;
 	}
 	fill_hdr(&e->hdr, LLMSPY_EV_EXEC, sizeof(*e));
-	e->ppid = BPF_CORE_READ(p, real_parent, tgid);
+	if (!e->hdr.pid) { /* outside the daemon's pid namespace: not ours to see */
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
+	/* the parent's id in the daemon's pid namespace is not at hand there: 0 = unknown */
+	e->ppid = pidns_ino ? 0 : BPF_CORE_READ(p, real_parent, tgid);
 	e->uid = (__u32)bpf_get_current_uid_gid();
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
@@ -163,9 +168,12 @@ int BPF_PROG(process_exit, struct task_struct *p, bool group_dead)
 		stat_add(LLMSPY_STAT_LOST_EVENTS, 1);
 		return 0;
 	}
+	/* the exiting task is current: fill_hdr gives its ids, in the daemon's pid namespace if it has one */
 	fill_hdr(&e->hdr, LLMSPY_EV_EXIT, sizeof(*e));
-	e->hdr.pid = BPF_CORE_READ(p, tgid);
-	e->hdr.tid = BPF_CORE_READ(p, pid);
+	if (!e->hdr.pid) {
+		bpf_ringbuf_discard(e, 0);
+		return 0;
+	}
 	e->exit_code = BPF_CORE_READ(p, exit_code);
 	e->_pad = 0;
 	bpf_ringbuf_submit(e, submit_flags(sizeof(*e)));

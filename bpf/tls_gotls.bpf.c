@@ -98,7 +98,7 @@ static __always_inline __u64 read_u64(__u64 addr)
 /* the "dwarf" path: note the connection's socket from its Go structures; false when it cannot */
 static __always_inline bool go_learn_sock(__u64 conn)
 {
-	struct llmspy_conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .conn = conn };
+	struct llmspy_conn_key k = { .tgid = llmspy_pid_tgid() >> 32, .conn = conn };
 	struct llmspy_sock so = {};
 	struct go_fd_layout *lay;
 	struct task_struct *task;
@@ -152,7 +152,7 @@ static __always_inline bool go_learn_sock(__u64 conn)
 /* the "syscall" path: process.bpf.c attributes this thread's socket I/O to conn */
 static __always_inline void mark_thread(__u64 conn, __u64 buf, __u8 dir)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)llmspy_pid_tgid();
 	struct llmspy_call call = { .conn = conn, .buf = buf, .dir = dir, .stack = LLMSPY_STACK_GOTLS };
 
 	bpf_map_update_elem(&calls, &tid, &call, BPF_ANY);
@@ -161,7 +161,7 @@ static __always_inline void mark_thread(__u64 conn, __u64 buf, __u8 dir)
 /* conn 0: whatever Go call marked this thread */
 static __always_inline void unmark_thread(__u64 conn)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)llmspy_pid_tgid();
 	struct llmspy_call *call = bpf_map_lookup_elem(&calls, &tid);
 
 	if (call && (!conn || call->conn == conn) && call->stack == LLMSPY_STACK_GOTLS)
@@ -176,7 +176,7 @@ static __always_inline void unmark_thread(__u64 conn)
  */
 static __always_inline bool go_find_sock(__u64 conn, __u64 buf, __u8 dir)
 {
-	struct llmspy_conn_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .conn = conn };
+	struct llmspy_conn_key k = { .tgid = llmspy_pid_tgid() >> 32, .conn = conn };
 
 	if (bpf_map_lookup_elem(&socks, &k) || go_learn_sock(conn)) {
 		unmark_thread(0);
@@ -203,7 +203,7 @@ int go_write_enter(struct pt_regs *ctx)
 SEC("uprobe")
 int go_read_enter(struct pt_regs *ctx)
 {
-	struct go_read_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .g = ctx->r14 };
+	struct go_read_key k = { .tgid = llmspy_pid_tgid() >> 32, .g = ctx->r14 };
 	struct go_read r = { .conn = ctx->ax, .buf = ctx->bx };
 
 	if (!r.conn || !ctx->cx || !llmspy_should_trace() || llmspy_is_muted(r.conn))
@@ -217,7 +217,7 @@ int go_read_enter(struct pt_regs *ctx)
 SEC("uprobe")
 int go_read_ret(struct pt_regs *ctx)
 {
-	struct go_read_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, .g = ctx->r14 };
+	struct go_read_key k = { .tgid = llmspy_pid_tgid() >> 32, .g = ctx->r14 };
 	struct go_read *r;
 	long n = ctx->ax;
 

@@ -592,7 +592,7 @@ def chunk_json(c: TlsChunk) -> dict[str, Any]:
 def real_capture(settings: Settings, sink: Callable[[list[CaptureEvent]], None]) -> Capture:
     from llmspyd.bpf.abi import Verdict
     from llmspyd.bpf.libbpf import num_possible_cpus
-    from llmspyd.bpf.loader import ObjectSet, objects_dir
+    from llmspyd.bpf.loader import ObjectSet, objects_dir, pidns_knobs
     from llmspyd.bpf.probes import ProbeManager
     from llmspyd.capture.reader import RingReader
     from llmspyd.discovery.execwatch import ExecWatcher
@@ -611,6 +611,7 @@ def real_capture(settings: Settings, sink: Callable[[list[CaptureEvent]], None])
             # let records gather until a quarter of the ring is used or the poll timer fires: a wakeup per
             # record costs the traced process ~10 µs per TLS call (issue 2's measurement)
             "wakeup_bytes": ring // WAKEUP_FRACTION,
+            **pidns_knobs(),  # ids as this pid namespace sees them (in a container)
         },
         uprobe_multi=True,
         max_entries={"rb": ring, "scratch": num_possible_cpus()},

@@ -23,6 +23,22 @@ log = logging.getLogger(__name__)
 OBJECTS_ENV = "LLMSPY_BPF_DIR"
 
 
+# inode number of the initial pid namespace (PROC_PID_INIT_INO in include/linux/proc_ns.h)
+INIT_PIDNS_INO = 0xEFFFFFFC
+
+
+def pidns_knobs(ns_path: str = "/proc/self/ns/pid") -> dict[str, int]:
+    """The `pidns_dev`/`pidns_ino` knobs of bpf/common.bpf.h: set when the daemon runs in a pid namespace of its
+    own (a container), so that records carry the pids it can resolve in /proc; empty on the host."""
+    try:
+        st = os.stat(ns_path)
+    except OSError:
+        return {}
+    if st.st_ino == INIT_PIDNS_INO:
+        return {}
+    return {"pidns_dev": st.st_dev, "pidns_ino": st.st_ino}
+
+
 def objects_dir() -> Path:
     """Where the compiled .bpf.o files are: package data, unless $LLMSPY_BPF_DIR says otherwise."""
     env = os.environ.get(OBJECTS_ENV)

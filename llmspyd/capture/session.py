@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from llmspyd.bpf.abi import Verdict
 from llmspyd.bpf.libbpf import num_possible_cpus
-from llmspyd.bpf.loader import ObjectSet, objects_dir
+from llmspyd.bpf.loader import ObjectSet, objects_dir, pidns_knobs
 from llmspyd.bpf.probes import OpenSslScanner, ProbeManager
 from llmspyd.capture.reader import RingReader
 from llmspyd.chunks import CaptureEvent, ProcessExec
@@ -97,6 +97,7 @@ class CaptureSession:
                 "max_call_bytes": max_call_bytes,
                 "wakeup_bytes": wakeup_bytes,
                 "default_verdict": int(default_verdict),
+                **pidns_knobs(),  # ids as this pid namespace sees them (in a container)
             },
             uprobe_multi=uprobe_multi,
             max_entries={"rb": ring_bytes, "scratch": num_possible_cpus()},
