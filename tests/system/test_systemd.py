@@ -33,7 +33,29 @@ pytestmark = pytest.mark.system
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("LLMSPY_TEST_CACHE", "/var/cache/llmspyd-test"))
 ROOT_CACHE = CACHE / "debian12-root"
-MIRROR = "http://deb.debian.org/debian"
+
+
+def host_mirror() -> str:
+    """The Debian archive this machine's apt uses (deb822 or one-line sources), for debootstrap."""
+    import glob
+    import re
+
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")) + ["/etc/apt/sources.list"]:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        for stanza in re.split(r"\n\s*\n", text):
+            if re.search(r"^Suites:.*\bbookworm\b", stanza, re.M):
+                m = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+                if m:
+                    return m.group(1)
+        m = re.search(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+bookworm\s", text, re.M)
+        if m:
+            return m.group(1)
+    pytest.skip("no Debian bookworm archive in this machine's apt sources to debootstrap from")
+
+
 # what the root needs beyond minbase: an init, the package's dependencies, a TLS client and server
 INCLUDE = "systemd,systemd-sysv,dbus,libbpf1,python3.11,procps,curl,ca-certificates,openssl,iproute2"
 API_KEY = "sk-proj-SYSTEMTEST" + secrets.token_hex(12)
@@ -83,7 +105,7 @@ def _debootstrap() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={INCLUDE}", "bookworm", str(tmp), MIRROR],
+        ["debootstrap", "--variant=minbase", f"--include={INCLUDE}", "bookworm", str(tmp), host_mirror()],
         capture_output=True,
         text=True,
     )
