@@ -102,7 +102,31 @@ def format_status(st: dict[str, Any], *, alive: bool = True, age: float = 0.0) -
     lines.append(f"  probes:     {len(probes)} files")
     for p in probes:
         lines.append(f"    {p.get('stack', '?'):9} {p.get('path')}  [{','.join(p.get('roles', []))}]")
+    lines.extend(_coverage_lines(st.get("discovery") or {}))
     return "\n".join(lines)
+
+
+def _coverage_lines(disc: dict[str, Any]) -> list[str]:
+    """Who is covered, and every program whose TLS stack is not, by name and with the reason."""
+    if not disc:
+        return []
+    running = disc.get("uncovered", [])
+    lines = [
+        f"  coverage:   {disc.get('processes_with_tls', 0)} running processes with TLS, "
+        f"{len(disc.get('covered', []))} covered, {len(running)} not covered"
+    ]
+    for u in running:
+        where = f", {u['container']}" if u.get("container") else ""
+        lines.append(f"    NOT COVERED pid {u['pid']} {u['comm']} ({u['exe']}{where}): {'; '.join(u['reasons'])}")
+    running_exes = {u.get("exe") for u in running}
+    gone = [u for u in disc.get("uncovered_seen", []) if u.get("exe") not in running_exes]
+    for u in gone:
+        ago = _up(time.time() - float(u.get("seen", time.time())))
+        lines.append(
+            f"    NOT COVERED {u['comm']} ({u['exe']}, last pid {u['last_pid']}, exited {ago} ago): "
+            + "; ".join(u["reasons"])
+        )
+    return lines
 
 
 # ---------------------------------------------------------------- tail

@@ -69,6 +69,8 @@ SLOW_EXEC_LOG_MS = 100
 SWEEP_INTERVAL_S = 10.0
 # attach failures are retried this many times (a path may vanish between the scan and the attach)
 MAX_ATTACH_TRIES = 3
+# uncovered programs remembered after they exit, for `llmspy status` (one entry per executable)
+MAX_UNCOVERED_SEEN = 64
 
 Attach = Callable[[Target], list[str]]
 Detach = Callable[[tuple[int, int]], bool]
@@ -93,6 +95,9 @@ class _State:
     attaching: set[tuple[int, int]] = field(default_factory=set)  # attach calls in flight
     failed: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)  # key -> (tries, error)
     exec_ts: dict[int, float] = field(default_factory=dict)  # pid -> monotonic time of its exec event
+    # programs seen with a TLS stack we could not cover, kept after they exit (most agents are short-lived),
+    # newest last: exe -> {"comm", "container", "reasons", "last_pid", "seen"}
+    uncovered_seen: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class ExecWatcher:
@@ -413,7 +418,7 @@ class ExecWatcher:
         self.counters["execs"] += 1
         with self._lock:
             # exec replaces the image: what the old one mapped is no longer its coverage
-            self._st.coverage.pop(pid, None)
+            self._forget_coverage(pid)
             self._st.skipped.discard(pid)
             self._st.in_scope.discard(pid)
         self._scan(pid, predict=True)
@@ -426,7 +431,7 @@ class ExecWatcher:
     def _exit(self, pid: int) -> None:
         self.counters["exits"] += 1
         with self._lock:
-            self._st.coverage.pop(pid, None)
+            self._forget_coverage(pid)
             self._st.skipped.discard(pid)
             self._st.in_scope.discard(pid)
             self._st.exec_ts.pop(pid, None)
@@ -434,6 +439,24 @@ class ExecWatcher:
             if any(q[3] == pid for q in self._queue):
                 self._queue = [q for q in self._queue if q[3] != pid]
                 heapq.heapify(self._queue)
+
+    def _forget_coverage(self, pid: int) -> None:
+        """Drop a pid's coverage (exit or exec); an uncovered program stays listed in uncovered_seen. Lock held."""
+        cov = self._st.coverage.pop(pid, None)
+        if cov is None or not cov.uncovered or not cov.stacks:
+            return
+        seen = self._st.uncovered_seen
+        key = cov.exe or cov.comm
+        seen.pop(key, None)
+        seen[key] = {
+            "comm": cov.comm,
+            "container": cov.container,
+            "reasons": sorted({u.reason for u in cov.uncovered.values()}),
+            "last_pid": pid,
+            "seen": time.time(),
+        }
+        while len(seen) > MAX_UNCOVERED_SEEN:
+            seen.pop(next(iter(seen)))
 
     def _in_scope(self, pid: int) -> bool:
         if self.scope is None:
@@ -561,7 +584,7 @@ class ExecWatcher:
         live = {int(n) for n in os.listdir("/proc") if n.isdigit()}
         with self._lock:
             for pid in [p for p in self._st.coverage if p not in live]:
-                self._st.coverage.pop(pid, None)
+                self._forget_coverage(pid)
                 self._st.exec_ts.pop(pid, None)
             self._st.skipped &= live
             self._st.in_scope &= live
@@ -649,6 +672,7 @@ class ExecWatcher:
             covs = list(self._st.coverage.values())
             atts = list(self._st.attached.values())
             failed = dict(self._st.failed)
+            seen = dict(self._st.uncovered_seen)
         tls = [c for c in covs if c.stacks]
         return {
             "files_probed": sorted(
@@ -668,6 +692,7 @@ class ExecWatcher:
                 for c in tls
                 if c.uncovered
             ],
+            "uncovered_seen": [{"exe": exe, **info} for exe, info in seen.items()],
             "attach_failures": {f"{k[0]}:{k[1]}": err for k, (_, err) in failed.items()},
             "counters": dict(self.counters) | dict(self.scanner.counters),
         }

@@ -222,6 +222,31 @@ def test_non_llm_https_makes_no_record(daemon: Daemon, provider: str, tls_env) -
     assert daemon.records_of(pid, timeout=0) == []
 
 
+RUSTLS_LIKE = r"""#include <stdio.h>
+#include <unistd.h>
+/* what a Rust program with rustls carries in its read-only data: no TLS symbols to probe */
+const char *a = "/rustc/90b35a6239c3d8bdabc530a6a0816f7ff89a0aaf/library/core/src/fmt/mod.rs";
+const char *b = "/root/.cargo/registry/src/index.crates.io-6f17d22bba15001f/rustls-0.23.12/src/conn.rs";
+int main(void) { puts(a); puts(b); sleep(2); return 0; }
+"""
+
+
+def test_status_names_a_program_it_cannot_cover(daemon: Daemon, tmp_path: Path) -> None:
+    src, exe = tmp_path / "rustagent.c", tmp_path / "rustagent"
+    src.write_text(RUSTLS_LIKE)
+    subprocess.run(["cc", "-O1", "-o", str(exe), str(src)], check=True)
+    subprocess.run([str(exe)], check=True, capture_output=True)  # runs 2 s, then exits
+    deadline = time.monotonic() + 20
+    out = ""
+    while time.monotonic() < deadline:  # the status file is rewritten every few seconds
+        out = subprocess.run([str(ROOT / ".venv/bin/llmspy"), "status"], capture_output=True, text=True).stdout
+        if str(exe) in out:
+            break
+        time.sleep(1)
+    line = next((ln for ln in out.splitlines() if str(exe) in ln), "")
+    assert "NOT COVERED" in line and "rustagent" in line and "rustls" in line, out
+
+
 def test_no_secret_in_any_record(daemon: Daemon) -> None:
     # runs after the tests above (file order): every request they made carried API_KEY
     text = daemon.out.read_text()

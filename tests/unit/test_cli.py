@@ -68,6 +68,24 @@ def test_status_running_and_stale(tmp_path: Path, capsys) -> None:
     assert cli.main(["status", "--file", str(tmp_path / "none.json")]) == 3
 
 
+def test_status_names_uncovered_programs_running_or_gone() -> None:
+    disc = {
+        "processes_with_tls": 2, "covered": ["10 curl"],
+        "uncovered": [{"pid": 11, "comm": "codex", "exe": "/usr/bin/codex", "container": "docker:abc",
+                       "reasons": ["rustls: no sound plaintext hook"]}],
+        "uncovered_seen": [
+            {"exe": "/usr/bin/codex", "comm": "codex", "container": "", "reasons": ["x"], "last_pid": 9, "seen": 0},
+            {"exe": "/opt/old", "comm": "old", "container": "", "reasons": ["stripped"], "last_pid": 5,
+             "seen": time.time() - 3600},
+        ],
+    }  # fmt: skip
+    out = cli.format_status({"pid": 1, "discovery": disc})
+    assert "2 running processes with TLS, 1 covered, 1 not covered" in out
+    assert "NOT COVERED pid 11 codex (/usr/bin/codex, docker:abc): rustls: no sound plaintext hook" in out
+    assert "NOT COVERED old (/opt/old, last pid 5, exited 01:00:0" in out and ": stripped" in out
+    assert out.count("/usr/bin/codex") == 1  # running: not listed twice
+
+
 def test_doctor_gives_a_verdict_and_fix_for_each(tmp_path: Path, capsys) -> None:
     (tmp_path / "llmspyd.toml").write_text("[trace]\nbogus = 1\n")
     rc = cli.main(["doctor", "--config-dir", str(tmp_path), "--status-file", str(tmp_path / "s.json"), "--json"])
