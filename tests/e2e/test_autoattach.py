@@ -180,10 +180,10 @@ FRESH_COPIES = 5
 def test_fresh_binary_first_write_50ms_after_exec(discovery, tls_server, tls_env, static_client, tmp_path):
     """Binaries never seen before (new inodes, TLS inside the executable) write 50 ms after exec: captured.
 
-    Every copy must be found and probed from its exec event alone. Whether the probe is in place by the
-    first write depends on the machine: a uprobe's first registration on a new file waits for an RCU grace
-    period (the kernel's dup_mmap_sem), tens of ms idle and 100+ ms on a loaded 2-core VM (bench/discovery.py
-    prints the figures). So at least one of the copies must be captured whole, first request included."""
+    Every copy must be found and probed from its exec event alone. With uprobe_multi links the probes are in
+    place 11-36 ms after exec here (bench/discovery.py prints the figures); a uprobe's first registration on a
+    new file can still wait for an RCU grace period on a loaded machine, so one copy of the five may miss its
+    first request: at least four must be captured whole, first request included."""
     _, log, watcher = discovery
     delay_ms = 50
     captured, notes = 0, []
@@ -209,7 +209,7 @@ def test_fresh_binary_first_write_50ms_after_exec(discovery, tls_server, tls_env
         notes.append(f"copy {i}: write at {write_ms} ms, probes at {attached_ms:.0f} ms, captured={whole}")
         captured += whole
     print("; ".join(notes))
-    assert captured >= 1, "; ".join(notes)
+    assert captured >= FRESH_COPIES - 1, "; ".join(notes)
 
 
 def test_fresh_node_copy_fetch_soon_after_exec(discovery, tls_server, tls_env, tmp_path):
