@@ -385,11 +385,7 @@ class Http1Connection:
         if st == _BODY:
             if not buf:
                 return False
-            n = min(r.remaining, len(buf))
-            data = bytes(buf[:n])
-            del buf[:n]
-            r.remaining -= n
-            self._data(r, data, ts)
+            self._take_body(r, buf, ts)
             if r.remaining == 0:
                 self._end(r, ts)
             return True
@@ -415,11 +411,7 @@ class Http1Connection:
         if st == _CHUNK_DATA:
             if not buf:
                 return False
-            n = min(r.remaining, len(buf))
-            data = bytes(buf[:n])
-            del buf[:n]
-            r.remaining -= n
-            self._data(r, data, ts)
+            self._take_body(r, buf, ts)
             if r.remaining == 0:
                 if buf[:2] == b"\r\n":  # the usual case: skip a state round trip
                     del buf[:2]
@@ -568,6 +560,14 @@ class Http1Connection:
                     r.state = _BODY
                 return
         r.state = _UNTIL_CLOSE  # RFC 9112 6.3 rule 8: the body ends when the connection does
+
+    def _take_body(self, r: _Reader, buf: bytearray, ts: int) -> None:
+        """Pass on up to r.remaining body bytes from the front of buf (Content-Length body or one chunk)."""
+        n = min(r.remaining, len(buf))
+        data = bytes(buf[:n])
+        del buf[:n]
+        r.remaining -= n
+        self._data(r, data, ts)
 
     def _data(self, r: _Reader, data: bytes, ts: int) -> None:
         if r.msg is None:
