@@ -61,6 +61,21 @@ def test_curl_request_and_response_exact(capture, tls_server, tls_env, tmp_path)
     assert not log.chunks(os.getpid()), "the capture must never trace its own process"
 
 
+def test_classic_perf_event_uprobes_capture_too(start_capture, tls_server, tls_env):
+    """Kernels before 6.6 have no uprobe_multi links: the one-perf-event-per-probe path captures the same."""
+    session, log = start_capture(uprobe_multi=False, poll_ms=50)
+    assert not session.objects.uprobe_multi
+    links = [lk for att in session.probes.attached().values() for lk in att.links]
+    assert links and all("uprobe.multi" not in lk.desc for lk in links)
+    p = subprocess.Popen(["curl", "-sS", "--http1.1", "-o", "/dev/null", f"{tls_server.url}/bytes/33333"],
+                         env=tls_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    _, err = p.communicate(timeout=CLIENT_TIMEOUT)
+    assert p.returncode == 0, err
+    (conn,) = wait_conns(log, p.pid, 1)
+    rec, _ = assert_conn_exact(log, tls_server, p.pid, conn)
+    assert b"GET /bytes/33333 HTTP/1.1" in rec.received and len(rec.sent) > 33333
+
+
 PY_FD_PEER = """
 import http.client, json, ssl, sys
 ctx = ssl.create_default_context()
