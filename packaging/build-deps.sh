@@ -10,6 +10,9 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm ships inside some nodejs builds (NodeSource's) and conflicts with Debian's npm package there;
+# Debian's own nodejs needs it separately (the agent tests install agents with npm)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if ((${#missing[@]})); then
   [ "$(id -u)" = 0 ] || { echo "build-deps: need root to install: ${missing[*]}" >&2; exit 1; }
   export DEBIAN_FRONTEND=noninteractive
