@@ -212,6 +212,27 @@ def test_fresh_binary_first_write_50ms_after_exec(discovery, tls_server, tls_env
     assert captured >= FRESH_COPIES - 1, "; ".join(notes)
 
 
+def test_prewarmed_install_is_captured_from_its_first_write(discovery, tls_server, tls_env, static_client, tmp_path):
+    """An agent installed in a prewarm folder (reached through a symlink, as npm installs them) is probed
+    before it ever runs: its first write, straight after the handshake, is captured."""
+    _, log, watcher = discovery
+    real = tmp_path / "lib" / "agent-client"
+    real.parent.mkdir()
+    shutil.copy(static_client, real)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "agent").symlink_to(real)
+    (bindir / "notes.txt").write_text("not an executable")
+    assert watcher.probe_installed((str(bindir),)) == 1
+    assert _ino(str(real)) in watcher.attached(), "prewarm did not probe the installed client"
+    p = subprocess.Popen([str(bindir / "agent"), str(tls_server.port), "0", "4321"], env=tls_env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    _, total = _finish(p).split()
+    assert log.wait_for(
+        lambda: b"GET /bytes/4321 HTTP/1.1" in _writes(log, p.pid) and len(_reads(log, p.pid)) == int(total), 10
+    ), "the first request of a prewarmed program was not captured whole"
+
+
 def test_fresh_node_copy_fetch_soon_after_exec(discovery, tls_server, tls_env, tmp_path):
     node = shutil.which("node")
     if node is None:
