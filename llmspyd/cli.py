@@ -96,6 +96,14 @@ def format_status(st: dict[str, Any], *, alive: bool = True, age: float = 0.0) -
     )
     losses = {k: v for k, v in st.get("losses", {}).items() if v}
     lines.append("  losses:     " + (", ".join(f"{k}={v}" for k, v in losses.items()) if losses else "none"))
+    pl = st.get("pipeline") or {}
+    if pl:
+        lines.append(
+            f"  pipeline:   {pl.get('connections', 0)} connections (http/1 {pl.get('http1', 0)}, h2 {pl.get('h2', 0)}, "
+            f"other {pl.get('unknown_protocol', 0)}, muted {pl.get('muted', 0)}); gaps {pl.get('gaps', 0)} "
+            f"({pl.get('gap_bytes', 0)} bytes), parse errors {pl.get('parse_errors', 0)}, "
+            f"stage errors {pl.get('stage_errors', 0)}"
+        )
     sinks = st.get("sinks", {})
     lines.append("  outputs:    " + ", ".join(f"{n}" + (f" ({v['errors']} errors)" if v.get("errors") else "") for n, v in sinks.items()))
     probes = st.get("probes", [])

@@ -55,12 +55,15 @@ def test_status_running_and_stale(tmp_path: Path, capsys) -> None:
         "bpf": {"bytes": 1000, "records": 3, "calls": 3}, "losses": {"lost_records": 1, "lost_bytes": 0},
         "sinks": {"journald": {"errors": 0}},
         "probes": [{"path": "/usr/lib/x86_64-linux-gnu/libssl.so.3", "stack": "openssl", "roles": ["SSL_write"]}],
+        "pipeline": {"connections": 4, "http1": 2, "h2": 1, "unknown_protocol": 1, "muted": 1, "gaps": 1,
+                     "gap_bytes": 512, "parse_errors": 0, "stage_errors": 0},
     }  # fmt: skip
     f = tmp_path / "status.json"
     f.write_text(json.dumps(st))
     assert cli.main(["status", "--file", str(f)]) == 0
     out = capsys.readouterr().out
     assert "running" in out and "exchanges:  7" in out and "lost_records=1" in out and "libssl.so.3" in out
+    assert "4 connections (http/1 2, h2 1, other 1, muted 1); gaps 1 (512 bytes)" in out
     st["pid"] = 2**22 + 1  # above pid_max: no such process
     f.write_text(json.dumps(st))
     assert cli.main(["status", "--file", str(f)]) == 3
