@@ -28,6 +28,7 @@ from llmspyd.bpf.libbpf import BPF_TRACE_UPROBE_MULTI, BpfObject, Link, uprobe_m
 from llmspyd.bpf.probes import openssl_target
 from llmspyd.capture.session import CaptureSession
 from llmspyd.chunks import TlsChunk
+from llmspyd.discovery.target import Target
 from tests.tlsserver import make_certs
 
 WRITE_BYTES = 100
@@ -159,30 +160,35 @@ def compile_empty(d: Path) -> Path:
 
 
 class EmptyProbe:
-    """Trivial programs on every role llmspyd probes: entry on all, return on the four data calls."""
+    """Trivial programs at the offsets llmspyd probes in `target`: an entry on every role, a return on the roles
+    in `with_returns`. Attached the way llmspyd attaches (uprobe_multi where the kernel has it), so the floor is
+    comparable."""
 
-    def __init__(self, obj_path: Path, lib: str) -> None:
-        # attached the way llmspyd attaches (uprobe_multi where the kernel has it), so the floor is comparable
+    def __init__(self, obj_path: Path, target: Target, with_returns: set[str]) -> None:
         multi = uprobe_multi_supported()
         self.obj = BpfObject.open(obj_path)
         if multi:
             for prog in self.obj.programs():
                 prog.set_expected_attach_type(BPF_TRACE_UPROBE_MULTI)
         self.obj.load()
-        target = openssl_target(lib)
-        assert target is not None
+        enter, ret = self.obj.program("empty_enter"), self.obj.program("empty_return")
+        entries = sorted({o for offs in target.offsets.values() for o in offs})
+        returns = sorted({o for r, offs in target.offsets.items() if r in with_returns for o in offs})
         self.links: list[Link] = []
         if multi:
-            entries = sorted({o for offs in target.offsets.values() for o in offs})
-            returns = sorted({o for r, offs in target.offsets.items() if r != "SSL_free" for o in offs})
-            self.links.append(self.obj.program("empty_enter").attach_uprobe_multi(lib, entries))
-            self.links.append(self.obj.program("empty_return").attach_uprobe_multi(lib, returns, retprobe=True))
+            self.links.append(enter.attach_uprobe_multi(target.path, entries))
+            if returns:
+                self.links.append(ret.attach_uprobe_multi(target.path, returns, retprobe=True))
             return
-        for role, offsets in target.offsets.items():
-            for off in offsets:
-                self.links.append(self.obj.program("empty_enter").attach_uprobe(lib, offset=off))
-                if role != "SSL_free":
-                    self.links.append(self.obj.program("empty_return").attach_uprobe(lib, offset=off, retprobe=True))
+        self.links += [enter.attach_uprobe(target.path, offset=off) for off in entries]
+        self.links += [ret.attach_uprobe(target.path, offset=off, retprobe=True) for off in returns]
+
+    @classmethod
+    def openssl(cls, obj_path: Path, lib: str) -> EmptyProbe:
+        """Entry on every OpenSSL role, return on the four data calls (not SSL_free), as llmspyd."""
+        target = openssl_target(lib)
+        assert target is not None
+        return cls(obj_path, target, {"SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex"})
 
     def close(self) -> None:
         for lk in self.links:
@@ -354,7 +360,7 @@ def run_latency(tmp: Path, port: int, ca: Path, server_pid: int) -> None:
             empty = session = None
             sink = Counter()
             if v.startswith("empty"):
-                empty = EmptyProbe(empty_obj, private_lib)
+                empty = EmptyProbe.openssl(empty_obj, private_lib)
             elif v.startswith("llmspyd"):
                 session = llmspyd_session(sink, server_pid, wakeup_bytes=0 if "woken" in v else None)
             progs = {}

@@ -24,8 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.capture import Counter, compile_empty
-from llmspyd.bpf.libbpf import BPF_TRACE_UPROBE_MULTI, BpfObject, Link, uprobe_multi_supported
+from bench.capture import Counter, EmptyProbe, compile_empty
 from llmspyd.capture.session import CaptureSession
 from llmspyd.discovery.golang import go_target
 from llmspyd.discovery.target import Target
@@ -85,41 +84,6 @@ def gnutls_target(path: str) -> Target:
     return target(path)
 
 
-class EmptyProbes:
-    """Trivial programs at the same offsets, entry and (GnuTLS only) return, as llmspyd."""
-
-    def __init__(self, obj_path: Path, target: Target, with_returns: set[str]) -> None:
-        # attached the way llmspyd attaches (uprobe_multi where the kernel has it), so the floor is comparable
-        multi = uprobe_multi_supported()
-        self.obj = BpfObject.open(obj_path)
-        if multi:
-            for prog in self.obj.programs():
-                prog.set_expected_attach_type(BPF_TRACE_UPROBE_MULTI)
-        self.obj.load()
-        self.links: list[Link] = []
-        if multi:
-            entries = sorted({o for offs in target.offsets.values() for o in offs})
-            returns = sorted({o for r, offs in target.offsets.items() if r in with_returns for o in offs})
-            self.links.append(self.obj.program("empty_enter").attach_uprobe_multi(target.path, entries))
-            if returns:
-                self.links.append(
-                    self.obj.program("empty_return").attach_uprobe_multi(target.path, returns, retprobe=True)
-                )
-            return
-        for role, offsets in target.offsets.items():
-            for off in offsets:
-                self.links.append(self.obj.program("empty_enter").attach_uprobe(target.path, offset=off))
-                if role in with_returns:
-                    self.links.append(
-                        self.obj.program("empty_return").attach_uprobe(target.path, offset=off, retprobe=True)
-                    )
-
-    def close(self) -> None:
-        for lk in self.links:
-            lk.destroy()
-        self.obj.close()
-
-
 def timed(argv: list[str]) -> float:
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["ns_per_call"] / 1000
@@ -135,7 +99,7 @@ def measure(name: str, target: Target, with_returns: set[str], empty_obj: Path, 
                 empty = session = None
                 sink = Counter()
                 if v.startswith("empty"):
-                    empty = EmptyProbes(empty_obj, target, with_returns)
+                    empty = EmptyProbe(empty_obj, target, with_returns)
                 elif v == "llmspyd":
                     session = CaptureSession(sink, objects=("process.bpf.o", "tls_gnutls.bpf.o", "tls_gotls.bpf.o"),
                                              scan=False).start()  # fmt: skip
