@@ -701,7 +701,35 @@ class ExecWatcher:
 def _new_pool() -> concurrent.futures.ProcessPoolExecutor:
     # forkserver: workers fork from a clean server process, never from this multi-threaded daemon
     ctx = multiprocessing.get_context("forkserver")
-    return concurrent.futures.ProcessPoolExecutor(max_workers=SLOW_WORKERS, mp_context=ctx)
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=SLOW_WORKERS, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+    )
+
+
+# how often an analysis worker checks that the daemon is still there
+WORKER_PARENT_CHECK_S = 1.0
+
+
+def _worker_init(daemon_pid: int) -> None:
+    """In each analysis worker: leave Ctrl-C to the daemon, and exit when the daemon is gone.
+
+    Pool workers share the pool's pipes, so a daemon killed with SIGKILL (or crashed) would leave them, and
+    the forkserver they hold open, waiting forever; a watcher thread ends them instead."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WORKER_PARENT_CHECK_S)
+            try:
+                os.kill(daemon_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass  # alive, as another user
+
+    threading.Thread(target=watch, name="llmspy-daemon-watch", daemon=True).start()
 
 
 def _ns_path_of(pid: int, t: Target) -> str:

@@ -368,3 +368,26 @@ def test_gone_file_detached_once_unused(tmp_path: Path, rec: Recorder) -> None:
     w._sweep()  # forgets the dead process, then drops the probe of the gone file
     assert detached == [old] and old not in w.attached() and w.counters["detached"] == 1
     w.close()
+
+
+POOL_CHILD = """
+import os, sys, time
+from llmspyd.discovery import execwatch
+pool = execwatch._new_pool()
+pids = set(pool.submit(os.getpid).result() for _ in range(8))
+print(" ".join(map(str, sorted(pids))), flush=True)
+time.sleep(60)
+"""
+
+
+def test_analysis_workers_exit_when_the_daemon_is_killed() -> None:
+    """A daemon killed with SIGKILL must not leave its analysis workers (and their forkserver) behind."""
+    p = subprocess.Popen([sys.executable, "-c", POOL_CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        workers = [int(x) for x in p.stdout.readline().split()]
+        assert workers and all(os.path.exists(f"/proc/{w}") for w in workers)
+    finally:
+        p.kill()
+        p.wait()
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{w}") for w in workers), 10), "workers outlived the daemon"
