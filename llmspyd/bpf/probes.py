@@ -96,37 +96,9 @@ class ProbeManager:
             if target.key in self._attached:
                 return list(self._attached[target.key].roles)
             att = Attachment(target)
-            if self._objects.uprobe_multi:
-                if not self._attach_multi(target, att):
-                    return []
-            for role, offsets in ({} if self._objects.uprobe_multi else target.offsets).items():
-                probes = ROLE_PROBES.get(role)
-                if not probes or not offsets:
-                    continue
-                if any(name not in self._programs for name, _ in probes):
-                    log.debug("no program loaded for role %s: skipped in %s", role, target.path)
-                    continue
-                links: list[Link] = []
-                try:
-                    for off in offsets:
-                        for name, ret in probes:
-                            # the cookie tells shared programs which stack they serve (OpenSSL programs on BoringSSL)
-                            links.append(self._programs[name].attach_uprobe(
-                                target.path, offset=off, retprobe=ret, cookie=int(target.stack)))
-                except (LibbpfError, OSError) as e:
-                    for lk in links:
-                        lk.destroy()
-                    if e.errno == errno.ENOENT:
-                        # the path died with its process (/proc/PID/root/...): attach nothing, so that a later
-                        # scan through a live path attaches every role, not the ones left
-                        log.info("%s vanished while attaching: not probed", target.path)
-                        for lk in att.links:
-                            lk.destroy()
-                        return []
-                    log.warning("cannot attach %s in %s: %s", role, target.path, e)
-                    continue
-                att.links.extend(links)
-                att.roles.append(role)
+            attach = self._attach_multi if self._objects.uprobe_multi else self._attach_classic
+            if not attach(target, att):
+                return []
             if att.roles and target.params:
                 self._apply_params(target)
             if not att.roles:
@@ -136,12 +108,9 @@ class ProbeManager:
                 log.info("attached %s in %s (%s)", ",".join(att.roles), target.path, target.stack.name)
             return list(att.roles)
 
-    def _attach_multi(self, target: Target, att: Attachment) -> bool:
-        """One uprobe_multi link per program for the whole file (all its offsets at once): no perf event per
-        probe, so a fresh file is probed in ~1 ms and detached in one RCU grace period. Fills `att`; False when
-        the path vanished (nothing attached, so that a later scan through a live path attaches every role)."""
-        groups: dict[tuple[str, bool], list[int]] = {}
-        role_probes: dict[str, list[tuple[str, bool]]] = {}
+    def _roles(self, target: Target) -> dict[str, tuple[list[int], list[tuple[str, bool]]]]:
+        """role -> (offsets, probes) for the roles of `target` whose programs are loaded."""
+        roles = {}
         for role, offsets in target.offsets.items():
             probes = ROLE_PROBES.get(role)
             if not probes or not offsets:
@@ -149,7 +118,45 @@ class ProbeManager:
             if any(name not in self._programs for name, _ in probes):
                 log.debug("no program loaded for role %s: skipped in %s", role, target.path)
                 continue
-            role_probes[role] = probes
+            roles[role] = (offsets, probes)
+        return roles
+
+    def _vanished(self, target: Target, att: Attachment) -> bool:
+        """The path died with its process (/proc/PID/root/...): attach nothing, so that a later scan through a
+        live path attaches every role, not the ones left. Returns False for the caller to pass on."""
+        log.info("%s vanished while attaching: not probed", target.path)
+        destroy_links(att.links)
+        att.links.clear()
+        return False
+
+    def _attach_classic(self, target: Target, att: Attachment) -> bool:
+        """One perf-event uprobe per offset and program (kernels without uprobe_multi). Fills `att` with the
+        roles whose probes all attached; False when the path vanished."""
+        for role, (offsets, probes) in self._roles(target).items():
+            links: list[Link] = []
+            try:
+                for off in offsets:
+                    for name, ret in probes:
+                        # the cookie tells shared programs which stack they serve (OpenSSL programs on BoringSSL)
+                        links.append(self._programs[name].attach_uprobe(
+                            target.path, offset=off, retprobe=ret, cookie=int(target.stack)))
+            except (LibbpfError, OSError) as e:
+                destroy_links(links)
+                if e.errno == errno.ENOENT:
+                    return self._vanished(target, att)
+                log.warning("cannot attach %s in %s: %s", role, target.path, e)
+                continue
+            att.links.extend(links)
+            att.roles.append(role)
+        return True
+
+    def _attach_multi(self, target: Target, att: Attachment) -> bool:
+        """One uprobe_multi link per program for the whole file (all its offsets at once): no perf event per
+        probe, so a fresh file is probed in ~1 ms and detached in one RCU grace period. Fills `att` with the
+        roles whose programs all attached; False when the path vanished."""
+        roles = self._roles(target)
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for offsets, probes in roles.values():
             for probe in probes:
                 offs = groups.setdefault(probe, [])
                 offs.extend(o for o in offsets if o not in offs)
@@ -161,13 +168,10 @@ class ProbeManager:
                     target.path, offs, retprobe=ret, cookies=[int(target.stack)] * len(offs)))
             except (LibbpfError, OSError) as e:
                 if e.errno == errno.ENOENT:
-                    log.info("%s vanished while attaching: not probed", target.path)
-                    destroy_links(att.links)
-                    att.links.clear()
-                    return False
+                    return self._vanished(target, att)
                 log.warning("cannot attach %s in %s: %s", name, target.path, e)
                 failed.add((name, ret))
-        att.roles = [r for r, probes in role_probes.items() if not failed.intersection(probes)]
+        att.roles = [r for r, (_, probes) in roles.items() if not failed.intersection(probes)]
         return True
 
     def _apply_params(self, target: Target) -> None:
