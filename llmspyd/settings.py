@@ -55,7 +55,8 @@ class TraceSettings(_Strict):
     cgroups: list[str] = Field(default_factory=list)
     units: list[str] = Field(default_factory=list)
     exclude_pids: list[int] = Field(default_factory=list)
-    # folders whose TLS-carrying executables are probed at start, before they ever run (not recursive)
+    # folders whose TLS-carrying executables are probed at start, before they ever run (not recursive): where
+    # agents and their runtimes get installed (npm -g links its bins into /usr/local/bin or /usr/bin)
     prewarm_dirs: list[str] = Field(
         default_factory=lambda: ["/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin"]
     )

@@ -55,8 +55,6 @@ RESCAN_DELAYS = (0.005, 0.02, 0.06, 0.15, 0.4, 1.0, 2.5)
 # TLS libraries programs load with dlopen() rather than link (Python's _ssl, curl plugins, ...): resolved in the
 # process's root at exec like DT_NEEDED entries, so a container's own libssl is probed before the dlopen
 DLOPEN_LIKELY = ("libssl.so.3", "libssl.so.1.1", "libgnutls.so.30")
-# where agents and their runtimes get installed (npm -g links its bins into /usr/local/bin or /usr/bin)
-PREWARM_DIRS = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin")
 # threads for the slow finders (Go, stripped BoringSSL): two, so that a Go client's analysis (~1 s at worst)
 # does not queue behind a 245 MB Bun binary's (seconds)
 SLOW_WORKERS = 2
@@ -202,7 +200,7 @@ class ExecWatcher:
         with self._lock:
             return len(self._st.attached)
 
-    def probe_installed(self, dirs: tuple[str, ...] = PREWARM_DIRS) -> int:
+    def probe_installed(self, dirs: tuple[str, ...]) -> int:
         """Probe the TLS-carrying executables installed in `dirs` (node, bun, claude, Go tools, ...) before they
         ever run: an exec-time attach costs 15-230 ms here (kernel uprobe registration), longer than a short
         agent takes to send its first request. Runs on its own thread at start; slow finders are deferred to
